@@ -1,0 +1,1 @@
+"""Exports InternVL checkpoints to ONNX bundles."""
