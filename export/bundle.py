@@ -1,0 +1,156 @@
+"""`vl-export export`: checkpoint -> bundle directory, written aside and moved into place only when whole."""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+import vl_export
+from vl_export.errors import VlExportError
+from vl_export.manifest import ROLES, GraphEntry, Manifest, Preprocessing
+from vl_export.runtime.prompt import DEFAULT_SYSTEM_MESSAGE
+
+from . import checkpoint
+from .tokenizer import write_tokenizer
+
+PRECISIONS = ("fp32", "fp16")
+EMBED_FILE = "embed_tokens.npy"
+
+Progress = Callable[[str], None]
+
+
+def stderr_progress(message: str) -> None:
+    print(f"[vl-export] {message}", file=sys.stderr, flush=True)
+
+
+@contextmanager
+def step(progress: Progress, what: str):
+    start = time.perf_counter()
+    progress(f"{what} ...")
+    yield
+    progress(f"{what}: done in {time.perf_counter() - start:.1f} s")
+
+
+@contextmanager
+def staged_directory(out: Path, overwrite: bool):
+    """Yield a scratch directory beside `out`; on success it becomes `out`, on failure it disappears."""
+    out = out.expanduser().absolute()
+    if out.exists() and not overwrite:
+        raise VlExportError(f"{out} already exists; pass --overwrite to replace it")
+    if out.exists() and not out.is_dir():
+        raise VlExportError(f"{out} exists and is not a directory")
+    parent = out.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=parent))
+    except OSError as exc:
+        raise VlExportError(f"cannot write to {parent}: {exc.strerror or exc}") from None
+    try:
+        yield staging
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; a bundle is an ordinary directory
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        while chunk := stream.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {"vl-export": vl_export.__version__, "python": sys.version.split()[0]}
+    for name in ("torch", "transformers", "onnx", "onnxscript", "onnxruntime", "tokenizers", "numpy"):
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return versions
+
+
+def write_embeddings(model, staging: Path, precision: str) -> dict:
+    table = model.model.language_model.embed_tokens.weight.detach().numpy()  # (vocab, hidden)
+    table = table.astype(np.float16 if precision == "fp16" else np.float32)
+    np.save(staging / EMBED_FILE, table)
+    return {"file": EMBED_FILE, "dtype": str(table.dtype), "shape": list(table.shape)}
+
+
+def new_manifest(ck: checkpoint.Checkpoint, specials: dict[str, int], graphs: list[GraphEntry], embed: dict) -> Manifest:
+    spec = ck.spec
+    return Manifest(
+        model=spec,
+        special_tokens=specials,
+        system_message=DEFAULT_SYSTEM_MESSAGE,
+        preprocessing=Preprocessing(
+            image_size=spec.image_size,
+            min_tiles=spec.min_dynamic_patch,
+            max_tiles=spec.max_dynamic_patch,
+            use_thumbnail=spec.use_thumbnail,
+        ),
+        graphs=graphs,
+        embed_tokens=embed,
+        max_context=spec.text.max_position_embeddings,
+        template=spec.template,
+        provenance={
+            "source": str(ck.path),
+            "source_sha256": ck.sha256,
+            "layout": spec.layout,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "versions": library_versions(),
+        },
+    )
+
+
+def export_graphs(ck: checkpoint.Checkpoint, precision: str, staging: Path, progress: Progress) -> list[GraphEntry]:
+    from .onnx_export import export_graph
+
+    graphs = []
+    for role in ROLES:
+        with step(progress, f"exporting {role} ({precision})"):
+            entry = export_graph(role, ck.model, ck.spec, precision, staging)
+            graphs.append(_with_hash(entry, staging))
+    return graphs
+
+
+def _with_hash(entry: GraphEntry, staging: Path) -> GraphEntry:
+    from dataclasses import replace
+
+    return replace(entry, sha256=file_sha256(staging / entry.file))
+
+
+def export_bundle(
+    model: str, out: Path, precision: str = "fp32", overwrite: bool = False, progress: Progress = stderr_progress
+) -> Manifest:
+    """Export the checkpoint `model` (a directory, a cached hub id, or random:<preset>) to the bundle `out`."""
+    if precision not in PRECISIONS:
+        raise VlExportError(f"unknown dtype {precision!r} for export (choose from {', '.join(PRECISIONS)})")
+    with step(progress, f"loading {model}"):
+        ck = checkpoint.load(checkpoint.resolve(model))
+    with staged_directory(Path(out), overwrite) as staging:
+        with step(progress, "writing tokenizer.json and proving it against the checkpoint's tokenizer"):
+            specials = write_tokenizer(ck.path, staging)
+        embed = write_embeddings(ck.model, staging, precision)
+        graphs = export_graphs(ck, precision, staging, progress)
+        manifest = new_manifest(ck, specials, graphs, embed)
+        manifest.save(staging)
+    progress(f"bundle written to {Path(out).absolute()}")
+    return manifest

@@ -1,0 +1,307 @@
+"""Finding and loading an InternVL2.5 checkpoint (original or transformers layout) into the native torch classes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from vl_export.errors import CheckpointError
+from vl_export.spec import ModelSpec
+
+from .tokenizer import image_token_id_of
+
+WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    spec: ModelSpec
+    model: torch.nn.Module  # InternVLForConditionalGeneration, fp32, eval mode
+    image_token_id: int
+    sha256: str
+
+
+# --- where the checkpoint is -------------------------------------------------------------------------------
+
+
+def resolve(model: str) -> Path:
+    """A local directory, `random:<preset>`, or a Hugging Face repo id found in the local cache."""
+    if model.startswith("random:"):
+        from .random_model import materialize
+
+        return materialize(model.removeprefix("random:"))
+    path = Path(model).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise CheckpointError(f"{model} is a file; pass the checkpoint directory that holds config.json")
+        if not (path / "config.json").is_file():
+            raise CheckpointError(f"{model} has no config.json: not a Hugging Face checkpoint directory")
+        return path
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", model) and not model.startswith((".", "/")):
+        return _from_hub_cache(model)
+    raise CheckpointError(f"checkpoint {model} not found: no such directory")
+
+
+def _from_hub_cache(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except LocalEntryNotFoundError:
+        pass
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        raise CheckpointError(
+            f"{repo_id} is not in the Hugging Face cache and HF_HUB_OFFLINE is set; download it first "
+            f"(`hf download {repo_id}`) or pass a local directory"
+        )
+    try:
+        return Path(snapshot_download(repo_id))
+    except Exception as exc:  # network errors come in many types; all mean the same to the user
+        raise CheckpointError(
+            f"{repo_id} is not in the Hugging Face cache and could not be downloaded "
+            f"({type(exc).__name__}); pass a local directory or fill the cache on a machine with network"
+        ) from None
+
+
+def read_config(path: Path) -> dict:
+    try:
+        return json.loads((path / "config.json").read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path / 'config.json'} is not valid JSON: {exc}") from None
+
+
+# --- reading weights -----------------------------------------------------------------------------------------
+
+
+def weight_files(path: Path) -> list[Path]:
+    for index in WEIGHT_INDEXES:
+        if (path / index).is_file():
+            shards = sorted(set(json.loads((path / index).read_text())["weight_map"].values()))
+            missing = [s for s in shards if not (path / s).is_file()]
+            if missing:
+                raise CheckpointError(f"{path / index} names shards that are not there: {', '.join(missing)}")
+            return [path / s for s in shards]
+    for name in WEIGHT_FILES:
+        if (path / name).is_file():
+            return [path / name]
+    raise CheckpointError(f"{path} holds no weights (looked for {', '.join(WEIGHT_FILES + WEIGHT_INDEXES)})")
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    for file in weight_files(path):
+        try:
+            if file.suffix == ".safetensors":
+                from safetensors.torch import load_file
+
+                part = load_file(file)
+            else:
+                part = torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise CheckpointError(f"cannot read weights {file.name}: {exc}") from None
+        state.update(part)
+    return state
+
+
+def checkpoint_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    for file in [path / "config.json", *weight_files(path)]:
+        digest.update(file.name.encode())
+        with file.open("rb") as stream:
+            while chunk := stream.read(1 << 24):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+# --- the original layout, mapped onto the native classes -----------------------------------------------------
+
+# (original name, native name); {n} a layer index, {p} weight|bias, {fc} fc1|fc2, {rest} any suffix.
+# Every key must match exactly one row in the direction it is read; anything else is an error, never skipped.
+RENAMES: list[tuple[str, str]] = [
+    ("vision_model.embeddings.class_embedding", "model.vision_tower.embeddings.cls_token"),
+    ("vision_model.embeddings.position_embedding", "model.vision_tower.embeddings.position_embeddings"),
+    ("vision_model.embeddings.patch_embedding.{p}", "model.vision_tower.embeddings.patch_embeddings.projection.{p}"),
+    ("vision_model.encoder.layers.{n}.attn.proj.{p}", "model.vision_tower.encoder.layer.{n}.attention.projection_layer.{p}"),
+    ("vision_model.encoder.layers.{n}.mlp.{fc}.{p}", "model.vision_tower.encoder.layer.{n}.mlp.{fc}.{p}"),
+    ("vision_model.encoder.layers.{n}.norm1.{p}", "model.vision_tower.encoder.layer.{n}.layernorm_before.{p}"),
+    ("vision_model.encoder.layers.{n}.norm2.{p}", "model.vision_tower.encoder.layer.{n}.layernorm_after.{p}"),
+    ("vision_model.encoder.layers.{n}.ls1", "model.vision_tower.encoder.layer.{n}.lambda_1"),
+    ("vision_model.encoder.layers.{n}.ls2", "model.vision_tower.encoder.layer.{n}.lambda_2"),
+    ("mlp1.0.{p}", "model.multi_modal_projector.layer_norm.{p}"),
+    ("mlp1.1.{p}", "model.multi_modal_projector.linear_1.{p}"),
+    ("mlp1.3.{p}", "model.multi_modal_projector.linear_2.{p}"),
+    ("language_model.model.{rest}", "model.language_model.{rest}"),
+    ("language_model.lm_head.weight", "lm_head.weight"),
+]
+# InternViT fuses the attention input projection into one matrix whose rows are q, then k, then v.
+FUSED_QKV = "vision_model.encoder.layers.{n}.attn.qkv.{p}"
+SPLIT_QKV = "model.vision_tower.encoder.layer.{n}.attention.{qkv}_proj.{p}"
+
+_PLACEHOLDERS = {"n": r"\d+", "p": "weight|bias", "fc": "fc1|fc2", "rest": ".+", "qkv": "q|k|v"}
+
+
+def _compile(template: str) -> re.Pattern:
+    parts = re.split(r"\{(\w+)\}", template)
+    regex = "".join(re.escape(part) if i % 2 == 0 else f"(?P<{part}>{_PLACEHOLDERS[part]})" for i, part in enumerate(parts))
+    return re.compile(regex)
+
+
+def _rename(key: str, rules: list[tuple[re.Pattern, str]]) -> str | None:
+    for pattern, target in rules:
+        if m := pattern.fullmatch(key):
+            return target.format(**m.groupdict())
+    return None
+
+
+_TO_NATIVE = [(_compile(src), dst) for src, dst in RENAMES]
+_TO_ORIGINAL = [(_compile(dst), src) for src, dst in RENAMES]
+
+
+def original_to_native(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename an original-layout state dict and split the fused qkv; an unmapped key is an error."""
+    fused = _compile(FUSED_QKV)
+    native: dict[str, torch.Tensor] = {}
+    for key, tensor in state.items():
+        if m := fused.fullmatch(key):
+            if tensor.shape[0] % 3:
+                raise CheckpointError(f"weight {key} has {tensor.shape[0]} rows, not a multiple of 3 (q|k|v)")
+            for qkv, part in zip("qkv", tensor.chunk(3, dim=0)):
+                native[SPLIT_QKV.format(qkv=qkv, **m.groupdict())] = part
+        elif (name := _rename(key, _TO_NATIVE)) is not None:
+            native[name] = tensor
+        else:
+            raise CheckpointError(f"unexpected weight {key} in the checkpoint: no rule maps it to the model")
+    return native
+
+
+def native_to_original(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of `original_to_native`, for writing checkpoints in the original layout."""
+    split = _compile(SPLIT_QKV)
+    original: dict[str, torch.Tensor] = {}
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state.items():
+        if m := split.fullmatch(key):
+            groups = m.groupdict()
+            parts.setdefault(FUSED_QKV.format(n=groups["n"], p=groups["p"]), {})[groups["qkv"]] = tensor
+        elif (name := _rename(key, _TO_ORIGINAL)) is not None:
+            original[name] = tensor
+        else:
+            raise CheckpointError(f"no original-layout name for weight {key}")
+    for key, qkv in parts.items():
+        original[key] = torch.cat([qkv["q"], qkv["k"], qkv["v"]], dim=0)
+    return original
+
+
+def native_config(spec: ModelSpec, image_token_id: int):
+    """The transformers InternVLConfig that holds the same model as `spec`."""
+    from transformers import InternVLConfig, InternVLVisionConfig, Qwen2Config
+
+    v, t = spec.vision, spec.text
+    vision = InternVLVisionConfig(
+        hidden_size=v.hidden_size,
+        intermediate_size=v.intermediate_size,
+        num_hidden_layers=v.num_layers,
+        num_attention_heads=v.num_heads,
+        attention_bias=v.qkv_bias,
+        image_size=v.image_size,
+        patch_size=v.patch_size,
+        num_channels=v.num_channels,
+        layer_norm_eps=v.layer_norm_eps,
+        use_mean_pooling=True,  # InternViT has no final LayerNorm
+    )
+    text = Qwen2Config(
+        hidden_size=t.hidden_size,
+        intermediate_size=t.intermediate_size,
+        num_hidden_layers=t.num_layers,
+        num_attention_heads=t.num_heads,
+        num_key_value_heads=t.num_kv_heads,
+        head_dim=t.head_dim,
+        rms_norm_eps=t.rms_norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": t.rope_theta},
+        max_position_embeddings=t.max_position_embeddings,
+        vocab_size=t.vocab_size,
+        tie_word_embeddings=t.tie_word_embeddings,
+    )
+    return InternVLConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=image_token_id,
+        image_seq_length=spec.num_image_tokens,
+        downsample_ratio=spec.downsample_ratio,
+        projector_hidden_act="gelu",
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+        tie_word_embeddings=t.tie_word_embeddings,
+    )
+
+
+def _load_original(path: Path, spec: ModelSpec, image_token_id: int) -> torch.nn.Module:
+    from transformers import InternVLForConditionalGeneration
+
+    state = original_to_native(read_state_dict(path))
+    with torch.device("meta"):
+        model = InternVLForConditionalGeneration(native_config(spec, image_token_id))
+    expected = {k: p.shape for k, p in model.state_dict().items()}
+    if spec.text.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)
+        state.pop("lm_head.weight", None)
+    _check_keys(expected, state)
+    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False, assign=True)
+    if spec.text.tie_word_embeddings:
+        model.lm_head.weight = model.model.language_model.embed_tokens.weight
+    # Built on the meta device to skip random init; the rotary tables are computed buffers, not weights.
+    lm = model.model.language_model
+    lm.rotary_emb = type(lm.rotary_emb)(lm.config)
+    return model
+
+
+def _check_keys(expected: dict[str, torch.Size], state: dict[str, torch.Tensor]) -> None:
+    missing = sorted(expected.keys() - state.keys())
+    if missing:
+        raise CheckpointError(f"missing weight for {missing[0]} ({len(missing)} missing)")
+    extra = sorted(state.keys() - expected.keys())
+    if extra:
+        raise CheckpointError(f"unexpected weight {extra[0]} ({len(extra)} keys the model does not have)")
+    for key, shape in expected.items():
+        if tuple(state[key].shape) != tuple(shape):
+            raise CheckpointError(
+                f"weight {key} has shape {tuple(state[key].shape)}, the config implies {tuple(shape)}"
+            )
+
+
+def _load_native(path: Path) -> torch.nn.Module:
+    from transformers import InternVLForConditionalGeneration
+
+    try:
+        model, info = InternVLForConditionalGeneration.from_pretrained(
+            path, dtype=torch.float32, output_loading_info=True, local_files_only=True
+        )
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"cannot load {path} as InternVLForConditionalGeneration: {exc}") from None
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        keys = sorted(str(k) for k in info.get(kind, []))
+        if keys:
+            raise CheckpointError(f"checkpoint {kind.replace('_', ' ')}: {keys[0]} ({len(keys)} in all)")
+    return model
+
+
+def load(path: Path) -> Checkpoint:
+    """Load either layout into InternVLForConditionalGeneration (fp32, eval, eager attention)."""
+    spec = ModelSpec.from_config(read_config(path))
+    image_token_id = image_token_id_of(path)
+    model = _load_original(path, spec, image_token_id) if spec.layout == "original" else _load_native(path)
+    model.config._attn_implementation = "eager"
+    for sub in (model.model.vision_tower, model.model.language_model):
+        sub.config._attn_implementation = "eager"
+    model.eval().requires_grad_(False)
+    return Checkpoint(path=path, spec=spec, model=model, image_token_id=image_token_id, sha256=checkpoint_sha256(path))
+

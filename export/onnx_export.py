@@ -1,0 +1,159 @@
+"""What each graph is, as data (names, dtypes, symbolic axes, example sizes), and the one function exporting it."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vl_export.manifest import GraphEntry, TensorSpec
+from vl_export.spec import ModelSpec
+
+from .graphs import Decoder, Projector, VisionEncoder
+
+OPSET = 18
+WRAPPERS = {"vision_encoder": VisionEncoder, "projector": Projector, "decoder": Decoder}
+FILES = {"vision_encoder": "vision_encoder.onnx", "projector": "projector.onnx", "decoder": "decoder.onnx"}
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+# Sizes of the example inputs the exporter traces with: all distinct and >= 2, so no axis gets specialised.
+EXAMPLE_SIZES = {"tiles": 2, "batch": 2, "seq": 5, "past": 3, "total": 8, "num_logits": 2}
+# Above this many bytes of weights a graph is saved with ONNX external data (protobuf stops at 2 GB).
+EXTERNAL_DATA_BYTES = 1_800_000_000
+
+
+def kv_names(num_layers: int, prefix: str) -> list[str]:
+    """`past_key_values.{i}.key|value` or `present.{i}.key|value`, in the graph's order."""
+    return [f"{prefix}.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
+
+
+def graph_io(role: str, spec: ModelSpec, precision: str) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    v, t = spec.vision, spec.text
+    if role == "vision_encoder":
+        return (
+            (TensorSpec("pixel_values", "float32", ("tiles", v.num_channels, v.image_size, v.image_size)),),
+            (TensorSpec("vision_features", "float32", ("tiles", v.num_positions, v.hidden_size)),),
+        )
+    if role == "projector":
+        return (
+            (TensorSpec("vision_features", "float32", ("tiles", v.num_positions, v.hidden_size)),),
+            (TensorSpec("image_embeds", "float32", ("tiles", spec.num_image_tokens, t.hidden_size)),),
+        )
+    kv_dtype = "float16" if precision == "fp16" else "float32"
+    kv_in = ("batch", t.num_kv_heads, "past", t.head_dim)
+    kv_out = ("batch", t.num_kv_heads, "total", t.head_dim)
+    inputs = (
+        TensorSpec("inputs_embeds", "float32", ("batch", "seq", t.hidden_size)),
+        TensorSpec("attention_mask", "int64", ("batch", "total")),
+        TensorSpec("position_ids", "int64", ("batch", "seq")),
+        TensorSpec("logits_positions", "int64", ("batch", "num_logits")),
+        *(TensorSpec(n, kv_dtype, kv_in) for n in kv_names(t.num_layers, "past_key_values")),
+    )
+    outputs = (
+        TensorSpec("logits", "float32", ("batch", "num_logits", t.vocab_size)),
+        *(TensorSpec(n, kv_dtype, kv_out) for n in kv_names(t.num_layers, "present")),
+    )
+    return inputs, outputs
+
+
+def example_inputs(inputs: tuple[TensorSpec, ...], seed: int = 0) -> dict[str, np.ndarray]:
+    """Valid random feeds for a graph at EXAMPLE_SIZES (masks of ones, in-range positions)."""
+    rng = np.random.default_rng(seed)
+    sizes = EXAMPLE_SIZES
+    feeds = {}
+    for t in inputs:
+        shape = tuple(sizes[d] if isinstance(d, str) else d for d in t.shape)
+        if t.name == "attention_mask":
+            feeds[t.name] = np.ones(shape, np.int64)
+        elif t.name == "position_ids":
+            feeds[t.name] = np.broadcast_to(np.arange(sizes["past"], sizes["total"]), shape).copy()
+        elif t.name == "logits_positions":
+            feeds[t.name] = np.broadcast_to(np.arange(sizes["seq"] - shape[1], sizes["seq"]), shape).copy()
+        else:
+            feeds[t.name] = rng.standard_normal(shape).astype(t.dtype)
+    return feeds
+
+
+def _dynamic_shapes(wrapper: torch.nn.Module, inputs: tuple[TensorSpec, ...]):
+    """torch.export Dims named after the symbolic axes, grouped as the forward signature takes them."""
+    dims = {name: torch.export.Dim(name, min=0 if name == "past" else 1) for name in EXAMPLE_SIZES}
+    per_input = [{i: dims[d] for i, d in enumerate(t.shape) if isinstance(d, str)} for t in inputs]
+    params = list(inspect.signature(wrapper.forward).parameters.values())
+    fixed = sum(p.kind is not inspect.Parameter.VAR_POSITIONAL for p in params)
+    if fixed < len(params):
+        return (*per_input[:fixed], tuple(per_input[fixed:]))
+    return tuple(per_input)
+
+
+def _weight_bytes(module: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def export_graph(role: str, model: torch.nn.Module, spec: ModelSpec, precision: str, out_dir: Path) -> GraphEntry:
+    """Export one graph to out_dir/FILES[role]; names, dtypes and axes as `graph_io` says."""
+    import onnx
+
+    inputs, outputs = graph_io(role, spec, precision)
+    wrapper = WRAPPERS[role](model, spec, TORCH_DTYPES[precision]).eval()
+    feeds = example_inputs(inputs)
+    args = tuple(torch.from_numpy(feeds[t.name]) for t in inputs)
+    path = out_dir / FILES[role]
+    external = _weight_bytes(wrapper) > EXTERNAL_DATA_BYTES
+    with warnings.catch_warnings(), _quiet_exporter(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            wrapper,
+            args,
+            input_names=[t.name for t in inputs],
+            output_names=[t.name for t in outputs],
+            dynamic_shapes=_dynamic_shapes(wrapper, inputs),
+            dynamo=True,
+            opset_version=OPSET,
+            verbose=False,
+        )
+    proto = program.model_proto
+    _name_axes(proto.graph.input, inputs)
+    _name_axes(proto.graph.output, outputs)
+    onnx.helper.set_model_props(proto, {"vl_export.role": role, "vl_export.precision": precision})
+    if external:
+        onnx.save_model(
+            proto, path, save_as_external_data=True, all_tensors_to_one_file=True, location=path.name + ".data"
+        )
+    else:
+        onnx.save_model(proto, path)
+    del program, proto
+    onnx.checker.check_model(str(path), full_check=True)
+    return GraphEntry(role=role, file=path.name, precision=precision, inputs=inputs, outputs=outputs)
+
+
+def _name_axes(values, specs: tuple[TensorSpec, ...]) -> None:
+    """Give every symbolic axis the manifest's name (the exporter writes e.g. 'seq + past')."""
+    by_name = {t.name: t for t in specs}
+    for value in values:
+        for dim, want in zip(value.type.tensor_type.shape.dim, by_name[value.name].shape):
+            if isinstance(want, str):
+                dim.ClearField("dim_value")
+                dim.dim_param = want
+
+
+class _quiet_exporter:
+    """torch.onnx prints progress and torchvision notices on every export; keep the user's terminal for ours."""
+
+    def __enter__(self):
+        self._level = logging.getLogger("torch.onnx").level
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+        self._null = open(os.devnull, "w")
+        self._stdout = os.dup(1)
+        os.dup2(self._null.fileno(), 1)
+        return self
+
+    def __exit__(self, *exc):
+        os.dup2(self._stdout, 1)
+        os.close(self._stdout)
+        self._null.close()
+        logging.getLogger("torch.onnx").setLevel(self._level)
+        return False

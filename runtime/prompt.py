@@ -1,0 +1,74 @@
+"""The internvl2_5 conversation template and the `<image>` rules of InternVL2.5's chat() and batch_chat()."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from vl_export.errors import InputError
+
+IMAGE_PLACEHOLDER = "<image>"
+IMG_START = "<img>"
+IMG_END = "</img>"
+IMG_CONTEXT = "<IMG_CONTEXT>"
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+END_OF_TEXT = "<|endoftext|>"
+SPECIAL_TOKENS = (END_OF_TEXT, IM_START, IM_END, IMG_START, IMG_END, IMG_CONTEXT)
+
+# Byte-exact copy of the reference's default; the model was tuned with it.
+DEFAULT_SYSTEM_MESSAGE = (
+    "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
+)
+SEPARATOR = IM_END + "\n"
+USER = IM_START + "user\n"
+ASSISTANT = IM_START + "assistant\n"
+
+History = Sequence[tuple[str, str]]
+
+
+def render(question: str, history: History = (), system_message: str = DEFAULT_SYSTEM_MESSAGE) -> str:
+    """The reference's Conversation.get_prompt() for the MPT separator style, ending in an open assistant turn."""
+    prompt = IM_START + "system\n" + system_message + SEPARATOR
+    for old_question, old_answer in history:
+        prompt += USER + old_question + SEPARATOR
+        # The reference tests `if message:`, so an empty answer renders as a bare role with no separator.
+        prompt += ASSISTANT + old_answer + SEPARATOR if old_answer else ASSISTANT
+    return prompt + USER + question + SEPARATOR + ASSISTANT
+
+
+def with_placeholders(question: str, num_images: int, history: History = ()) -> str:
+    """Add `<image>` markers where chat() would; check that markers and images agree in number.
+
+    One image, no history, no marker: `<image>\\n` is prepended (chat()). Several images and no marker anywhere:
+    `Image-1: <image>\\nImage-2: <image>\\n...` is prepended (the model card's multi-image form).
+    """
+    in_history = sum(q.count(IMAGE_PLACEHOLDER) for q, _ in history)
+    markers = in_history + question.count(IMAGE_PLACEHOLDER)
+    if num_images and markers == 0:
+        if num_images == 1 and not history:
+            question = IMAGE_PLACEHOLDER + "\n" + question
+        elif num_images > 1:
+            question = "".join(f"Image-{i}: {IMAGE_PLACEHOLDER}\n" for i in range(1, num_images + 1)) + question
+        markers = num_images
+    if markers != num_images:
+        raise InputError(f"the conversation has {markers} <image> placeholders but {num_images} images were given")
+    return question
+
+
+def video_question(question: str, num_frames: int) -> str:
+    """The model card's video prompt: `Frame1: <image>\\nFrame2: <image>\\n...` before the question."""
+    if IMAGE_PLACEHOLDER in question:
+        raise InputError("a video question must not hold <image> placeholders; one per frame is added for you")
+    return "".join(f"Frame{i}: {IMAGE_PLACEHOLDER}\n" for i in range(1, num_frames + 1)) + question
+
+
+def expand_images(prompt: str, tiles_per_image: Sequence[int], num_image_tokens: int) -> str:
+    """Replace each `<image>`, in order, by `<img>` + `<IMG_CONTEXT>` x 256 x tiles + `</img>`."""
+    for tiles in tiles_per_image:
+        prompt = prompt.replace(IMAGE_PLACEHOLDER, IMG_START + IMG_CONTEXT * (num_image_tokens * tiles) + IMG_END, 1)
+    return prompt
+
+
+def clean_response(text: str) -> str:
+    """As the reference: cut at the separator, strip whitespace."""
+    return text.split(IM_END)[0].strip()
