@@ -1,0 +1,62 @@
+"""The session interface every backend implements: plain graphs, and the decoder with its KV cache."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import numpy as np
+
+from vl_export.manifest import GraphEntry
+
+
+class GraphSession(ABC):
+    """One graph compiled for one backend; numpy arrays in, numpy arrays out."""
+
+    @abstractmethod
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+
+class DecoderSession(ABC):
+    """The decoder graph and its KV cache, which stays where the backend keeps it between calls.
+
+    Buffers are allocated by `reset` and reused across requests while they are large enough; `forward` appends
+    the new positions to the cache without copying the old ones more than the graph itself does.
+    """
+
+    past_len: int = 0
+    batch: int = 0
+
+    @abstractmethod
+    def reset(self, batch: int, capacity: int) -> None:
+        """Empty the cache for `batch` sequences of up to `capacity` positions (past + new) each."""
+
+    @abstractmethod
+    def forward(
+        self,
+        inputs_embeds: np.ndarray,  # (b, s, hidden) float32
+        attention_mask: np.ndarray,  # (b, past + s) int64
+        position_ids: np.ndarray,  # (b, s) int64
+        logits_positions: np.ndarray,  # (b, k) int64
+    ) -> np.ndarray:
+        """Run the new positions, append their keys and values to the cache, return logits (b, k, vocab)."""
+
+    @abstractmethod
+    def cache(self) -> list[np.ndarray]:
+        """Host copies of the cache in graph order (layer 0 key, layer 0 value, ...), each (b, kv_heads, past, d)."""
+
+
+class Backend(ABC):
+    """Opens a bundle's graphs for one runtime (ONNX Runtime, OpenVINO or TensorRT)."""
+
+    name: str
+
+    @abstractmethod
+    def open_graph(self, bundle: Path, entry: GraphEntry) -> GraphSession: ...
+
+    @abstractmethod
+    def open_decoder(self, bundle: Path, entry: GraphEntry) -> DecoderSession: ...
+
+    def describe(self) -> dict:
+        """What ran: backend, device, threads, versions; goes into results and benchmark reports."""
+        return {"backend": self.name}

@@ -1,0 +1,132 @@
+"""ONNX Runtime sessions (CPU, or CUDA with onnxruntime-gpu), the decoder's KV cache held in two OrtValue buffers.
+
+The decoder graph concatenates past and new keys into `present`, so each step reads the cache once and writes
+it once. The two buffers are allocated at `reset` and swap roles every step: `present` is written straight into
+the spare buffer through I/O binding and becomes the next step's `past` without a copy or an allocation.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from vl_export.errors import BackendUnavailableError, BundleError
+from vl_export.manifest import GraphEntry
+
+from .base import Backend, DecoderSession, GraphSession
+
+DEVICES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+def _import_ort():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise BackendUnavailableError("the onnxruntime backend needs onnxruntime: pip install 'vl-export[runtime]'") from None
+    return onnxruntime
+
+
+class OrtBackend(Backend):
+    name = "onnxruntime"
+
+    def __init__(self, device: str = "cpu", threads: int | None = None):
+        ort = _import_ort()
+        if device not in DEVICES:
+            raise BackendUnavailableError(f"unknown onnxruntime device {device!r} (choose from {', '.join(DEVICES)})")
+        if DEVICES[device] not in ort.get_available_providers():
+            raise BackendUnavailableError(
+                f"onnxruntime has no {DEVICES[device]} here (install onnxruntime-gpu and a CUDA driver for --device cuda)"
+            )
+        self.ort = ort
+        self.device = device
+        self.threads = threads
+
+    def _session(self, path: Path):
+        options = self.ort.SessionOptions()
+        options.graph_optimization_level = self.ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if self.threads:
+            options.intra_op_num_threads = self.threads
+            options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        try:
+            return self.ort.InferenceSession(str(path), sess_options=options, providers=[DEVICES[self.device]])
+        except Exception as exc:  # onnxruntime raises its own exception types for unreadable graphs
+            raise BundleError(f"onnxruntime cannot load {path.name}: {str(exc).splitlines()[0]}") from None
+
+    def open_graph(self, bundle: Path, entry: GraphEntry) -> GraphSession:
+        return OrtGraph(self._session(bundle / entry.file))
+
+    def open_decoder(self, bundle: Path, entry: GraphEntry) -> DecoderSession:
+        return OrtDecoder(self._session(bundle / entry.file), entry, self)
+
+    def describe(self) -> dict:
+        return {"backend": self.name, "device": self.device, "threads": self.threads, "version": self.ort.__version__}
+
+
+class OrtGraph(GraphSession):
+    def __init__(self, session):
+        self.session = session
+        self.output_names = [o.name for o in session.get_outputs()]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(zip(self.output_names, self.session.run(self.output_names, feeds)))
+
+
+class OrtDecoder(DecoderSession):
+    def __init__(self, session, entry: GraphEntry, backend: OrtBackend):
+        self.session = session
+        self.backend = backend
+        self.past_names = [t.name for t in entry.inputs if t.name.startswith("past_key_values.")]
+        self.present_names = [t.name for t in entry.outputs if t.name.startswith("present.")]
+        kv = entry.input(self.past_names[0])
+        self.kv_heads, self.head_dim = int(kv.shape[1]), int(kv.shape[3])
+        self.kv_dtype = np.dtype(kv.dtype)
+        self.capacity = 0
+        self.buffers: list[list] = [[], []]  # two sets of one flat OrtValue per past/present tensor
+        self.current = 0
+
+    def reset(self, batch: int, capacity: int) -> None:
+        size = batch * self.kv_heads * capacity * self.head_dim
+        have = self.buffers[0][0].shape()[0] if self.buffers[0] else 0
+        if size > have:
+            make = self.backend.ort.OrtValue.ortvalue_from_shape_and_type
+            self.buffers = [
+                [make([size], self.kv_dtype, self.backend.device, 0) for _ in self.past_names] for _ in range(2)
+            ]
+        self.batch, self.past_len, self.current = batch, 0, 0
+        self.capacity = have // (batch * self.kv_heads * self.head_dim) if size <= have else capacity
+
+    def _kv_shape(self, length: int) -> list[int]:
+        return [self.batch, self.kv_heads, length, self.head_dim]
+
+    def forward(self, inputs_embeds, attention_mask, position_ids, logits_positions) -> np.ndarray:
+        b, s = inputs_embeds.shape[:2]
+        total = self.past_len + s
+        if b != self.batch or total > self.capacity:
+            raise RuntimeError(f"decoder cache holds {self.batch}x{self.capacity}, asked for {b}x{total}")
+        binding = self.session.io_binding()
+        for name, array in (
+            ("inputs_embeds", inputs_embeds),
+            ("attention_mask", attention_mask),
+            ("position_ids", position_ids),
+            ("logits_positions", logits_positions),
+        ):
+            binding.bind_cpu_input(name, np.ascontiguousarray(array))
+        device, element = self.backend.device, self.kv_dtype.type
+        past_shape, present_shape = self._kv_shape(self.past_len), self._kv_shape(total)
+        for past, present, src, dst in zip(
+            self.past_names, self.present_names, self.buffers[self.current], self.buffers[1 - self.current]
+        ):
+            binding.bind_input(past, device, 0, element, past_shape, src.data_ptr())
+            binding.bind_output(present, device, 0, element, present_shape, dst.data_ptr())
+        binding.bind_output("logits", "cpu")
+        self.session.run_with_iobinding(binding)
+        self.current = 1 - self.current
+        self.past_len = total
+        return binding.get_outputs()[-1].numpy()  # bound last
+
+    def cache(self) -> list[np.ndarray]:
+        count = self.batch * self.kv_heads * self.past_len * self.head_dim
+        shape = self._kv_shape(self.past_len)
+        return [buf.numpy()[:count].reshape(shape).copy() for buf in self.buffers[self.current]]
