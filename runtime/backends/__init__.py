@@ -1,0 +1,1 @@
+"""Session backends: ONNX Runtime, OpenVINO, TensorRT."""
