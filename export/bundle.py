@@ -143,8 +143,9 @@ def export_bundle(
     """Export the checkpoint `model` (a directory, a cached hub id, or random:<preset>) to the bundle `out`."""
     if precision not in PRECISIONS:
         raise VlExportError(f"unknown dtype {precision!r} for export (choose from {', '.join(PRECISIONS)})")
-    with step(progress, f"loading {model}"):
-        ck = checkpoint.load(checkpoint.resolve(model))
+    path = checkpoint.resolve(model)
+    with step(progress, f"loading {path}"):
+        ck = checkpoint.load(path)
     with staged_directory(Path(out), overwrite) as staging:
         with step(progress, "writing tokenizer.json and proving it against the checkpoint's tokenizer"):
             specials = write_tokenizer(ck.path, staging)

@@ -1,0 +1,255 @@
+"""Synthetic visual questions for the demo model: coloured shapes, counts, positions and a drawn digit or word.
+
+Every example comes from one integer seed, so the data set is a function, not a folder. Training draws seeds
+below HELDOUT_SEED; the held-out set is `heldout(n)`, seeds HELDOUT_SEED + i, never seen in training.
+Images are large and oddly shaped (300-1600 px a side, aspect ratios 1:4 to 4:1) so that the reference's
+dynamic tiling cuts them into several tiles plus a thumbnail; shapes are sized in *tile* pixels so that each
+one covers two to four 32-px patches of the tile it lands in, whatever the image's size.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from functools import lru_cache
+
+from PIL import Image, ImageDraw, ImageFont
+
+from vl_export.runtime.preprocess import closest_grid, target_grids
+
+HELDOUT_SEED = 1_000_000  # training seeds are 0 .. HELDOUT_SEED - 1
+MAX_TILES = 6  # the demo's max_dynamic_patch; sizes are planned for this tiling
+TILE = 448
+
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 165, 60),
+    "blue": (40, 80, 230),
+    "yellow": (240, 200, 20),
+    "purple": (140, 60, 190),
+    "orange": (250, 135, 20),
+}
+SHAPES = ("circle", "square", "triangle", "star")
+DIGITS = tuple("0123456789")
+WORDS = ("cat", "dog", "sun", "car", "hat", "box")
+KINDS = ("colour", "shape", "count", "position", "text")
+MAX_SHAPES = 6
+
+
+@dataclass(frozen=True)
+class Item:
+    shape: str
+    colour: str
+    box: tuple[int, int, int, int]  # (x0, y0, x1, y1) in image pixels
+
+    @property
+    def centre(self) -> tuple[float, float]:
+        return (self.box[0] + self.box[2]) / 2, (self.box[1] + self.box[3]) / 2
+
+
+@dataclass(frozen=True)
+class Scene:
+    width: int
+    height: int
+    background: tuple[int, int, int]
+    items: tuple[Item, ...]
+    text: str
+    text_xy: tuple[int, int]
+    font_size: int
+
+
+@dataclass(frozen=True)
+class Example:
+    image: Image.Image
+    question: str
+    answer: str
+    kind: str
+    seed: int
+
+
+# --- scenes ----------------------------------------------------------------------------------------------
+
+
+def _image_size(rng: random.Random) -> tuple[int, int]:
+    aspect = math.exp(rng.uniform(0.0, math.log(4.0)))  # long side / short side, 1 .. 4
+    long_side = rng.uniform(max(300.0, 300.0 * aspect), 1600.0)
+    size = (round(long_side), round(long_side / aspect))
+    return size if rng.random() < 0.5 else size[::-1]
+
+
+def _tile_scale(width: int, height: int) -> float:
+    """Image pixels -> pixels of the tiles the reference's tiling cuts (the smaller of the two axes' scales)."""
+    cols, rows = closest_grid(width, height, target_grids(1, MAX_TILES), TILE)
+    return min(TILE * cols / width, TILE * rows / height)
+
+
+@lru_cache(maxsize=64)
+def _font(size: int) -> ImageFont.FreeTypeFont:
+    return ImageFont.load_default(size=size)
+
+
+def _place(rng: random.Random, w: int, h: int, size: tuple[int, int], taken: list, gap: int):
+    """A free box of `size` inside (w, h), `gap` px away from every box in `taken`; None when none is found."""
+    bw, bh = size
+    if bw + 2 * gap > w or bh + 2 * gap > h:
+        return None
+    for _ in range(200):
+        x0, y0 = rng.randint(gap, w - bw - gap), rng.randint(gap, h - bh - gap)
+        box = (x0, y0, x0 + bw, y0 + bh)
+        if all(box[0] >= t[2] + gap or box[2] + gap <= t[0] or box[1] >= t[3] + gap or box[3] + gap <= t[1] for t in taken):
+            return box
+    return None
+
+
+def make_scene(rng: random.Random) -> Scene:
+    while True:
+        width, height = _image_size(rng)
+        scale = _tile_scale(width, height)
+        background = tuple(rng.randint(225, 255) for _ in range(3))
+        taken: list[tuple[int, int, int, int]] = []
+        # The text first, so that it always fits: 60-110 tile px high.
+        text = rng.choice(DIGITS) if rng.random() < 0.6 else rng.choice(WORDS)
+        font_size = max(12, round(rng.uniform(60, 110) / scale))
+        x0, y0, x1, y1 = ImageDraw.Draw(Image.new("RGB", (1, 1))).textbbox((0, 0), text, font=_font(font_size))
+        gap = max(6, round(16 / scale))
+        box = _place(rng, width, height, (x1 - x0, y1 - y0), taken, gap)
+        if box is None:
+            continue
+        taken.append(box)
+        text_xy = (box[0] - x0, box[1] - y0)
+        items = []
+        for _ in range(rng.randint(1, MAX_SHAPES)):
+            side = round(rng.uniform(64, 140) / scale)  # 2 to 4.4 patches of 32 px
+            box = _place(rng, width, height, (side, side), taken, gap)
+            if box is None:
+                break
+            taken.append(box)
+            items.append(Item(rng.choice(SHAPES), rng.choice(list(COLOURS)), box))
+        if items:
+            return Scene(width, height, background, tuple(items), text, text_xy, font_size)
+
+
+def _star(box: tuple[int, int, int, int]) -> list[tuple[float, float]]:
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    outer = (box[2] - box[0]) / 2
+    points = []
+    for k in range(10):
+        radius = outer if k % 2 == 0 else outer * 0.42
+        angle = -math.pi / 2 + k * math.pi / 5
+        points.append((cx + radius * math.cos(angle), cy + radius * math.sin(angle)))
+    return points
+
+
+def render(scene: Scene) -> Image.Image:
+    image = Image.new("RGB", (scene.width, scene.height), scene.background)
+    draw = ImageDraw.Draw(image)
+    for item in scene.items:
+        fill, (x0, y0, x1, y1) = COLOURS[item.colour], item.box
+        if item.shape == "circle":
+            draw.ellipse(item.box, fill=fill)
+        elif item.shape == "square":
+            draw.rectangle(item.box, fill=fill)
+        elif item.shape == "triangle":
+            draw.polygon([(x0, y1), (x1, y1), ((x0 + x1) / 2, y0)], fill=fill)
+        else:
+            draw.polygon(_star(item.box), fill=fill)
+    stroke = max(1, scene.font_size // 14)
+    draw.text(scene.text_xy, scene.text, fill=(20, 20, 20), font=_font(scene.font_size), stroke_width=stroke, stroke_fill=(20, 20, 20))
+    return image
+
+
+# --- questions -------------------------------------------------------------------------------------------
+
+
+def _plural(shape: str) -> str:
+    return shape + "s"
+
+
+def questions(scene: Scene, kind: str) -> list[tuple[str, str]]:
+    """Every (question, answer) of `kind` that the scene answers unambiguously."""
+    items = scene.items
+    shapes = [i.shape for i in items]
+    colours = [i.colour for i in items]
+    out: list[tuple[str, str]] = []
+    if kind == "colour":
+        for item in items:
+            if shapes.count(item.shape) == 1:
+                s = item.shape
+                out += [(f"What colour is the {s}?", item.colour), (f"What color is the {s}?", item.colour),
+                        (f"Which colour does the {s} have?", item.colour)]
+    elif kind == "shape":
+        for item in items:
+            if colours.count(item.colour) == 1:
+                c = item.colour
+                out += [(f"What shape is the {c} object?", item.shape), (f"Which shape is {c}?", item.shape),
+                        (f"What is the shape of the {c} object?", item.shape)]
+    elif kind == "count":
+        n = str(len(items))
+        out += [("How many shapes are there?", n), ("How many shapes are in the image?", n),
+                ("Count the shapes in the picture.", n)]
+        for shape in sorted(set(shapes)):
+            k = str(shapes.count(shape))
+            out += [(f"How many {_plural(shape)} are there?", k), (f"How many {_plural(shape)} can you see?", k)]
+    elif kind == "position":
+        pairs = [(i.colour, i.shape) for i in items]
+        for item in items:
+            if pairs.count((item.colour, item.shape)) != 1:
+                continue
+            name = f"{item.colour} {item.shape}"
+            cx, cy = item.centre
+            dx, dy = cx / scene.width - 0.5, cy / scene.height - 0.5
+            if abs(dx) > 0.12:
+                side = "left" if dx < 0 else "right"
+                out += [(f"Is the {name} on the left or the right?", side),
+                        (f"Is the {name} on the right or the left side of the image?", side)]
+            if abs(dy) > 0.12:
+                side = "top" if dy < 0 else "bottom"
+                out += [(f"Is the {name} at the top or the bottom?", side),
+                        (f"Is the {name} in the bottom or the top half of the image?", side)]
+    elif kind == "text":
+        if scene.text in DIGITS:
+            out += [("What digit is written in the image?", scene.text), ("Which number is written on the picture?", scene.text)]
+        else:
+            out += [("What word is written in the image?", scene.text), ("Which word can you read in the picture?", scene.text)]
+    else:
+        raise ValueError(f"unknown question kind {kind!r} (kinds: {', '.join(KINDS)})")
+    return out
+
+
+def scene_and_questions(seed: int, kind: str | None = None) -> tuple[Scene, str, list[tuple[str, str]]]:
+    """A scene for `seed` that answers at least one question of `kind` (drawn from the seed when None)."""
+    rng = random.Random(seed)
+    kind = kind or rng.choice(KINDS)
+    while True:
+        scene = make_scene(rng)
+        candidates = questions(scene, kind)
+        if candidates:
+            return scene, kind, candidates
+
+
+def example(seed: int, kind: str | None = None) -> Example:
+    """One (image, question, answer) for `seed`; the question is of `kind`, or of a kind drawn from the seed."""
+    scene, kind, candidates = scene_and_questions(seed, kind)
+    question, answer = random.Random(seed + 7_919).choice(candidates)
+    return Example(render(scene), question, answer, kind, seed)
+
+
+def heldout(n: int, start: int = 0) -> list[Example]:
+    """The held-out set: balanced over KINDS, seeds HELDOUT_SEED + i (disjoint from every training seed)."""
+    return [example(HELDOUT_SEED + i, KINDS[i % len(KINDS)]) for i in range(start, start + n)]
+
+
+def corpus() -> list[str]:
+    """Every word the questions and answers use, for training the tokenizer."""
+    lines = [q + " " + a for kind in KINDS for q, a in _all_phrasings(kind)]
+    return lines + [" ".join(COLOURS), " ".join(SHAPES), " ".join(map(_plural, SHAPES)), " ".join(WORDS), " ".join(DIGITS)]
+
+
+def _all_phrasings(kind: str) -> list[tuple[str, str]]:
+    rng = random.Random(kind)
+    seen: dict[str, str] = {}
+    for _ in range(200):
+        for q, a in questions(make_scene(rng), kind):
+            seen.setdefault(q, a)
+    return sorted(seen.items())

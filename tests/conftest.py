@@ -1,0 +1,43 @@
+"""Session fixtures: one tiny model in both layouts, and the bundles exported from it."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+warnings.filterwarnings("ignore", category=UserWarning)
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    from tiny_models import make_tiny
+
+    return make_tiny(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def bundle_fp32(tiny, tmp_path_factory):
+    from vl_export.export.bundle import export_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "fp32"
+    export_bundle(str(tiny["original"]), out, precision="fp32", progress=lambda _: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def bundle_fp16(tiny, tmp_path_factory):
+    from vl_export.export.bundle import export_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "fp16"
+    export_bundle(str(tiny["original"]), out, precision="fp16", progress=lambda _: None)
+    return out
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    """random:<preset> checkpoints go to a per-session cache, never the user's."""
+    os.environ["VL_EXPORT_CACHE"] = str(tmp_path_factory.mktemp("vl-export-cache"))
