@@ -46,6 +46,8 @@ def perturb_(model: nn.Module, seed: int) -> nn.Module:
             leaf = name.rsplit(".", 1)[-1]
             if "norm" in name and leaf == "weight":
                 param.copy_(1.0 + 0.1 * noise)
+            elif "embed_tokens" in name:  # unit-scale token embeddings, so text weighs as much as image features
+                param.copy_(noise)
             elif leaf.startswith("lambda_"):
                 param.copy_(0.1 + 0.02 * noise)
             elif leaf == "bias" or param.dim() < 2 or "embedding" in name or "cls_token" in name:

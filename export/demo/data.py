@@ -162,35 +162,34 @@ def render(scene: Scene) -> Image.Image:
 # --- questions -------------------------------------------------------------------------------------------
 
 
-def _plural(shape: str) -> str:
-    return shape + "s"
+@dataclass(frozen=True)
+class Fact:
+    """One thing a scene answers, with the phrasings that ask it (a conversation asks each fact once)."""
+
+    phrasings: tuple[str, ...]
+    answer: str
 
 
-def questions(scene: Scene, kind: str) -> list[tuple[str, str]]:
-    """Every (question, answer) of `kind` that the scene answers unambiguously."""
+def facts(scene: Scene, kind: str) -> list[Fact]:
+    """Every fact of `kind` that the scene answers unambiguously."""
     items = scene.items
     shapes = [i.shape for i in items]
     colours = [i.colour for i in items]
-    out: list[tuple[str, str]] = []
+    out: list[Fact] = []
     if kind == "colour":
         for item in items:
             if shapes.count(item.shape) == 1:
                 s = item.shape
-                out += [(f"What colour is the {s}?", item.colour), (f"What color is the {s}?", item.colour),
-                        (f"Which colour does the {s} have?", item.colour)]
+                out.append(Fact((f"What colour is the {s}?", f"What color is the {s}?", f"Which colour does the {s} have?"), item.colour))
     elif kind == "shape":
         for item in items:
             if colours.count(item.colour) == 1:
                 c = item.colour
-                out += [(f"What shape is the {c} object?", item.shape), (f"Which shape is {c}?", item.shape),
-                        (f"What is the shape of the {c} object?", item.shape)]
+                out.append(Fact((f"What shape is the {c} object?", f"Which shape is {c}?", f"What is the shape of the {c} object?"), item.shape))
     elif kind == "count":
-        n = str(len(items))
-        out += [("How many shapes are there?", n), ("How many shapes are in the image?", n),
-                ("Count the shapes in the picture.", n)]
+        out.append(Fact(("How many shapes are there?", "How many shapes are in the image?", "Count the shapes in the picture."), str(len(items))))
         for shape in sorted(set(shapes)):
-            k = str(shapes.count(shape))
-            out += [(f"How many {_plural(shape)} are there?", k), (f"How many {_plural(shape)} can you see?", k)]
+            out.append(Fact((f"How many {shape}s are there?", f"How many {shape}s can you see?"), str(shapes.count(shape))))
     elif kind == "position":
         pairs = [(i.colour, i.shape) for i in items]
         for item in items:
@@ -199,40 +198,56 @@ def questions(scene: Scene, kind: str) -> list[tuple[str, str]]:
             name = f"{item.colour} {item.shape}"
             cx, cy = item.centre
             dx, dy = cx / scene.width - 0.5, cy / scene.height - 0.5
-            if abs(dx) > 0.12:
-                side = "left" if dx < 0 else "right"
-                out += [(f"Is the {name} on the left or the right?", side),
-                        (f"Is the {name} on the right or the left side of the image?", side)]
+            if abs(dx) > 0.12:  # clearly off the middle, so that the answer is not a matter of pixels
+                out.append(Fact((f"Is the {name} on the left or the right?", f"Is the {name} on the right or the left side of the image?"), "left" if dx < 0 else "right"))
             if abs(dy) > 0.12:
-                side = "top" if dy < 0 else "bottom"
-                out += [(f"Is the {name} at the top or the bottom?", side),
-                        (f"Is the {name} in the bottom or the top half of the image?", side)]
+                out.append(Fact((f"Is the {name} at the top or the bottom?", f"Is the {name} in the bottom or the top half of the image?"), "top" if dy < 0 else "bottom"))
     elif kind == "text":
         if scene.text in DIGITS:
-            out += [("What digit is written in the image?", scene.text), ("Which number is written on the picture?", scene.text)]
+            out.append(Fact(("What digit is written in the image?", "Which number is written on the picture?"), scene.text))
         else:
-            out += [("What word is written in the image?", scene.text), ("Which word can you read in the picture?", scene.text)]
+            out.append(Fact(("What word is written in the image?", "Which word can you read in the picture?"), scene.text))
     else:
         raise ValueError(f"unknown question kind {kind!r} (kinds: {', '.join(KINDS)})")
     return out
 
 
-def scene_and_questions(seed: int, kind: str | None = None) -> tuple[Scene, str, list[tuple[str, str]]]:
-    """A scene for `seed` that answers at least one question of `kind` (drawn from the seed when None)."""
-    rng = random.Random(seed)
-    kind = kind or rng.choice(KINDS)
+def scene_for(rng: random.Random, kind: str) -> tuple[Scene, list[Fact]]:
+    """A scene that answers at least one question of `kind`, and those facts."""
     while True:
         scene = make_scene(rng)
-        candidates = questions(scene, kind)
-        if candidates:
-            return scene, kind, candidates
+        if found := facts(scene, kind):
+            return scene, found
 
 
 def example(seed: int, kind: str | None = None) -> Example:
     """One (image, question, answer) for `seed`; the question is of `kind`, or of a kind drawn from the seed."""
-    scene, kind, candidates = scene_and_questions(seed, kind)
-    question, answer = random.Random(seed + 7_919).choice(candidates)
-    return Example(render(scene), question, answer, kind, seed)
+    rng = random.Random(seed)
+    kind = kind or rng.choice(KINDS)
+    scene, found = scene_for(rng, kind)
+    fact = rng.choice(found)
+    return Example(render(scene), rng.choice(fact.phrasings), fact.answer, kind, seed)
+
+
+def conversation(seed: int, max_turns: int) -> tuple[Image.Image, list[tuple[str, str, str]]]:
+    """An image and up to `max_turns` (question, answer, kind) about it, each fact asked once; for training.
+
+    The first turn is drawn exactly as `example(seed)` draws its question.
+    """
+    rng = random.Random(seed)
+    kind = rng.choice(KINDS)
+    scene, found = scene_for(rng, kind)
+    first = rng.choice(found)
+    turns = [(rng.choice(first.phrasings), first.answer, kind)]
+    left = {k: [f for f in facts(scene, k) if f != first] for k in KINDS}
+    for _ in range(rng.randint(0, max_turns - 1)):
+        kinds = [k for k in KINDS if left[k]]  # kinds drawn evenly, not in proportion to their facts
+        if not kinds:
+            break
+        k = rng.choice(kinds)
+        fact = left[k].pop(rng.randrange(len(left[k])))
+        turns.append((rng.choice(fact.phrasings), fact.answer, k))
+    return render(scene), turns
 
 
 def heldout(n: int, start: int = 0) -> list[Example]:
@@ -241,15 +256,12 @@ def heldout(n: int, start: int = 0) -> list[Example]:
 
 
 def corpus() -> list[str]:
-    """Every word the questions and answers use, for training the tokenizer."""
-    lines = [q + " " + a for kind in KINDS for q, a in _all_phrasings(kind)]
-    return lines + [" ".join(COLOURS), " ".join(SHAPES), " ".join(map(_plural, SHAPES)), " ".join(WORDS), " ".join(DIGITS)]
-
-
-def _all_phrasings(kind: str) -> list[tuple[str, str]]:
-    rng = random.Random(kind)
-    seen: dict[str, str] = {}
-    for _ in range(200):
-        for q, a in questions(make_scene(rng), kind):
-            seen.setdefault(q, a)
-    return sorted(seen.items())
+    """Every question and answer the generator can produce, for training the tokenizer."""
+    rng = random.Random("corpus")
+    lines: set[str] = set()
+    for _ in range(300):
+        scene = make_scene(rng)
+        lines |= {f"{q} {f.answer}" for k in KINDS for f in facts(scene, k) for q in f.phrasings}
+    answers = [*COLOURS, *SHAPES, *WORDS, "left", "right", "top", "bottom"]
+    # Answers follow "assistant\n" with no space before them: teach the BPE those words bare, too.
+    return sorted(lines) + ["\n".join(answers)] * 4

@@ -1,0 +1,253 @@
+"""Train the demo model on CPU: a small InternVL2.5 in the original layout that answers the questions of data.py.
+
+    python -m vl_export.export.demo.train --out DIR [--steps N]
+
+Every example is built exactly as the runtime builds a request: the reference's tiling (max_dynamic_patch 6,
+thumbnail), the internvl2_5 template with the default system message, `<image>` expanded to
+`<img><IMG_CONTEXT>...</img>`. An image carries a short conversation (1 to --turns questions, each fact asked
+once); its first turn is byte for byte the single-turn prompt the runtime sends, and because the decoder is
+causal the later turns only add supervision for the same, expensive, image features. The loss is on the answer
+tokens and their `<|im_end|>` only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from vl_export.runtime.preprocess import TilingConfig, preprocess
+from vl_export.runtime.prompt import IM_END, expand_images, render, with_placeholders
+from vl_export.spec import ModelSpec
+
+from .. import synthetic_tokenizer
+from ..random_model import random_model, write_original_checkpoint
+from ..tokenizer import load_fast
+from . import data
+
+DEMO_CONFIG = {
+    "architectures": ["InternVLChatModel"],
+    "model_type": "internvl_chat",
+    "template": "internvl2_5",
+    "downsample_ratio": 0.5,
+    "ps_version": "v2",
+    "select_layer": -1,
+    "force_image_size": 448,
+    "dynamic_image_size": True,
+    "use_thumbnail": True,
+    "min_dynamic_patch": 1,
+    "max_dynamic_patch": data.MAX_TILES,
+    "vision_config": {
+        "architectures": ["InternVisionModel"],
+        "model_type": "intern_vit_6b",
+        "hidden_size": 128,
+        "intermediate_size": 512,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "image_size": 448,
+        "patch_size": 32,  # a 14x14 grid, 49 image tokens per tile after the pixel shuffle
+        "num_channels": 3,
+        "qkv_bias": True,
+        "qk_normalization": False,
+        "norm_type": "layer_norm",
+        "layer_norm_eps": 1e-6,
+        "hidden_act": "gelu",
+        "drop_path_rate": 0.0,
+        "use_flash_attn": False,
+    },
+    "llm_config": {
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        "hidden_size": 192,
+        "intermediate_size": 512,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 6,
+        "num_key_value_heads": 2,
+        "hidden_act": "silu",
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0,
+        "max_position_embeddings": 4096,
+        "vocab_size": None,  # set from the tokenizer
+        "tie_word_embeddings": False,
+        "bos_token_id": None,
+        "eos_token_id": None,
+    },
+}
+TEMPLATE_WORDS = "system\nuser\nassistant\n"
+
+
+def tiling(spec: ModelSpec) -> TilingConfig:
+    return TilingConfig(
+        image_size=spec.image_size,
+        min_tiles=spec.min_dynamic_patch,
+        max_tiles=spec.max_dynamic_patch,
+        use_thumbnail=spec.use_thumbnail,
+    )
+
+
+def write_tokenizer(out_dir: Path) -> dict[str, int]:
+    corpus = [*synthetic_tokenizer.DEFAULT_CORPUS, *data.corpus(), TEMPLATE_WORDS]
+    return synthetic_tokenizer.write_slow_files(out_dir, corpus, vocab_size=1024)
+
+
+def encode_conversation(tokenizer, turns: list[tuple[str, str, str]], tiles: int, num_image_tokens: int):
+    """(input_ids, labels, kinds): the conversation as the template renders it; labels -100 except on answers.
+
+    `kinds` names, per labelled token, the question kind it answers (for per-kind training accuracy).
+    """
+    history: list[tuple[str, str]] = []
+    spans: list[tuple[int, int, str]] = []  # character spans of "answer<|im_end|>" in the final text
+    text = ""
+    for i, (question, answer, kind) in enumerate(turns):
+        question = with_placeholders(question, 1) if i == 0 else question
+        prefix = expand_images(render(question, history), [tiles], num_image_tokens)
+        if not prefix.startswith(text):
+            raise AssertionError("the rendered conversation is not an extension of its previous turn")
+        text = prefix + answer + IM_END
+        spans.append((len(prefix), len(text), kind))
+        history.append((question, answer))
+    encoding = tokenizer.encode(text, add_special_tokens=False)
+    labels, kinds = [], []
+    for token_id, (start, end) in zip(encoding.ids, encoding.offsets):
+        kind = next((k for s, e, k in spans if s <= start and end <= e), None)
+        labels.append(token_id if kind else -100)
+        kinds.append(kind)
+    if sum(k is not None for k in kinds) < 2 * len(turns):
+        raise AssertionError(f"answer tokens were merged across the template: {encoding.tokens[-8:]}")
+    return encoding.ids, labels, kinds
+
+
+def make_batch(seeds, tokenizer, spec: ModelSpec, max_turns: int, pad_id: int):
+    """Right-padded ids, mask and labels for one conversation per seed; all tiles concatenated in order."""
+    pixel_values, rows = [], []
+    for seed in seeds:
+        image, turns = data.conversation(seed, max_turns)
+        pv = torch.from_numpy(preprocess(image, tiling(spec)))  # (tiles, 3, 448, 448)
+        pixel_values.append(pv)
+        rows.append(encode_conversation(tokenizer, turns, pv.shape[0], spec.num_image_tokens))
+    length = max(len(ids) for ids, _, _ in rows)
+    input_ids = torch.full((len(rows), length), pad_id)
+    labels = torch.full((len(rows), length), -100)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    kinds = []
+    for b, (ids, lab, kind) in enumerate(rows):
+        input_ids[b, : len(ids)] = torch.tensor(ids)
+        labels[b, : len(ids)] = torch.tensor(lab)
+        mask[b, : len(ids)] = 1
+        kinds.append(kind + [None] * (length - len(ids)))
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels, "pixel_values": torch.cat(pixel_values)}, kinds
+
+
+def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return peak * (0.03 + 0.97 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def save(model, config: dict, out_dir: Path, dtype: torch.dtype) -> None:
+    write_original_checkpoint(model, config, out_dir, dtype=dtype)
+
+
+def train(
+    out_dir: Path,
+    steps: int = 2000,
+    batch_size: int = 8,
+    max_turns: int = 6,
+    lr: float = 1.5e-3,
+    warmup: int = 100,
+    seed: int = 0,
+    dtype: torch.dtype = torch.bfloat16,
+    log_every: int = 20,
+    save_every: int = 250,
+) -> Path:
+    torch.manual_seed(seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    specials = write_tokenizer(out_dir)
+    tokenizer = load_fast(out_dir)
+    config = copy.deepcopy(DEMO_CONFIG)
+    text = config["llm_config"]
+    text.update(vocab_size=max(specials.values()) + 1, bos_token_id=specials["<|endoftext|>"], eos_token_id=specials["<|im_end|>"])
+    spec = ModelSpec.from_config(config)
+    model = random_model(spec, specials["<IMG_CONTEXT>"], seed).train()
+    model.config._attn_implementation = "sdpa"
+    params = sum(p.numel() for p in model.parameters())
+    print(f"demo model: {params / 1e6:.2f}M parameters, {spec.num_image_tokens} image tokens per tile", flush=True)
+
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or "embed" in n]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98)
+    )
+    if steps * batch_size > data.HELDOUT_SEED:  # data seeds 0, 1, 2, ...; `seed` is the initialisation's
+        raise ValueError(f"training seeds would reach {steps * batch_size}, past HELDOUT_SEED {data.HELDOUT_SEED}")
+
+    start = time.time()
+    totals = {"loss": 0.0, "n": 0}
+    hits: dict[str, list[int]] = {k: [0, 0] for k in data.KINDS}
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, steps, lr, warmup)
+        seeds = range(step * batch_size, (step + 1) * batch_size)
+        batch, kinds = make_batch(seeds, tokenizer, spec, max_turns, specials["<|endoftext|>"])
+        out = model(**batch)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        totals["loss"] += out.loss.item()
+        totals["n"] += 1
+        with torch.no_grad():  # token accuracy at the answer positions: the logits at t predict the token at t+1
+            predicted = out.logits[:, :-1].argmax(-1)
+            target = batch["labels"][:, 1:]
+            for b, t in zip(*torch.nonzero(target != -100, as_tuple=True)):
+                kind = kinds[b][t + 1]
+                hits[kind][0] += int(predicted[b, t] == target[b, t])
+                hits[kind][1] += 1
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            elapsed = time.time() - start
+            accuracy = " ".join(f"{k} {h / max(n, 1):.2f}" for k, (h, n) in hits.items())
+            print(
+                f"step {step + 1}/{steps} loss {totals['loss'] / totals['n']:.4f} lr {optimizer.param_groups[0]['lr']:.2e} "
+                f"| token acc {accuracy} | {elapsed / 60:.1f} min",
+                flush=True,
+            )
+            totals = {"loss": 0.0, "n": 0}
+            hits = {k: [0, 0] for k in data.KINDS}
+        if (step + 1) % save_every == 0 and step + 1 < steps:
+            save(model, config, out_dir, dtype)
+    save(model, config, out_dir, dtype)
+    print(f"saved {out_dir} after {(time.time() - start) / 60:.1f} min", flush=True)
+    return out_dir
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True, help="checkpoint directory to write")
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--turns", type=int, default=6, help="most questions per image")
+    parser.add_argument("--lr", type=float, default=1.5e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="weights as saved")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (leave a core for others)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    train(
+        args.out,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        max_turns=args.turns,
+        lr=args.lr,
+        seed=args.seed,
+        dtype=getattr(torch, args.dtype),
+    )
+
+
+if __name__ == "__main__":
+    main()

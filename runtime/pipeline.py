@@ -1,0 +1,263 @@
+"""Pipeline: a bundle answering like InternVL2.5's chat() and batch_chat(), on any backend, without torch."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from vl_export.errors import InputError
+from vl_export.manifest import Manifest
+
+from . import prompt as prompts
+from .backends import open_backend
+from .backends.base import Backend
+from .generate import Generated, generate, generate_steps
+from .preprocess import ImageInput, TilingConfig, preprocess_images, preprocess_video
+from .sampling import GenerationConfig
+from .tokenizer import IncrementalDecoder, TextTokenizer
+
+Images = ImageInput | Sequence[ImageInput] | None
+
+
+@dataclass
+class Timings:
+    preprocess_ms: float = 0.0
+    vision_ms: float = 0.0  # vision encoder + projector, all tiles
+    prefill_ms: float = 0.0
+    decode_ms: float = 0.0
+    new_tokens: int = 0
+    prompt_tokens: int = 0
+    tiles: int = 0
+
+    @property
+    def ttft_ms(self) -> float:
+        """Time to first token: everything up to the first sampled token."""
+        return self.preprocess_ms + self.vision_ms + self.prefill_ms
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        steps = self.new_tokens - 1  # the first token comes from the prefill
+        return steps / (self.decode_ms / 1000) if steps > 0 and self.decode_ms > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "preprocess_ms": round(self.preprocess_ms, 3),
+            "vision_ms": round(self.vision_ms, 3),
+            "prefill_ms": round(self.prefill_ms, 3),
+            "ttft_ms": round(self.ttft_ms, 3),
+            "decode_ms": round(self.decode_ms, 3),
+            "decode_tokens_per_s": round(self.decode_tokens_per_s, 3),
+            "new_tokens": self.new_tokens,
+            "prompt_tokens": self.prompt_tokens,
+            "tiles": self.tiles,
+        }
+
+
+@dataclass
+class ChatResult:
+    text: str
+    token_ids: list[int]
+    history: list[tuple[str, str]]
+    finish_reason: str
+    timings: Timings
+
+    def to_dict(self) -> dict:
+        return {"text": self.text, "token_ids": self.token_ids, "finish_reason": self.finish_reason, "timings": self.timings.to_dict()}
+
+
+@dataclass
+class Request:
+    """One conversation made ready: its prompt ids, its tiles, and the question as history will keep it."""
+
+    ids: list[int]
+    pixel_values: np.ndarray  # (tiles, 3, 448, 448)
+    tiles_per_image: list[int]
+    question: str
+    history: list[tuple[str, str]]
+    preprocess_ms: float
+
+
+@dataclass
+class Stream:
+    """Iterate for text pieces as they are decoded; `result` is set once the iteration ends."""
+
+    pieces: Iterator[str]
+    result: ChatResult | None = field(default=None)
+
+    def __iter__(self) -> Iterator[str]:
+        return self.pieces
+
+
+class Pipeline:
+    def __init__(self, bundle: Path, manifest: Manifest, backend: Backend, max_tiles_per_run: int = 8):
+        self.bundle = bundle
+        self.manifest = manifest
+        self.backend = backend
+        self.max_tiles_per_run = max_tiles_per_run
+        self.tokenizer = TextTokenizer(bundle / manifest.tokenizer, manifest.special_tokens)
+        self.embed_table = np.load(bundle / manifest.embed_tokens["file"], mmap_mode="r")  # (vocab, hidden)
+        self.vision = backend.open_graph(bundle, manifest.graph("vision_encoder", backend.name))
+        self.projector = backend.open_graph(bundle, manifest.graph("projector", backend.name))
+        self.decoder = backend.open_decoder(bundle, manifest.graph("decoder", backend.name))
+        pre = manifest.preprocessing
+        self.tiling = TilingConfig(pre.image_size, pre.min_tiles, pre.max_tiles, pre.use_thumbnail, pre.mean, pre.std)
+
+    @classmethod
+    def from_bundle(cls, path: str | Path, backend: str = "onnxruntime", max_tiles_per_run: int = 8, **backend_options) -> Pipeline:
+        """Load a bundle. backend: onnxruntime (ort), openvino (ov) or tensorrt (trt); options go to it (threads=, device=)."""
+        path = Path(path)
+        manifest = Manifest.load(path)
+        return cls(path, manifest, open_backend(backend, path, manifest, **backend_options), max_tiles_per_run)
+
+    # --- stages --------------------------------------------------------------------------------------------
+
+    def encode_images(self, pixel_values: np.ndarray) -> np.ndarray:
+        """pixel_values (tiles, 3, 448, 448) -> image_embeds (tiles, 256, hidden), in runs of max_tiles_per_run."""
+        runs = []
+        for start in range(0, len(pixel_values), self.max_tiles_per_run):
+            chunk = np.ascontiguousarray(pixel_values[start : start + self.max_tiles_per_run], dtype=np.float32)
+            features = self.vision.run({"pixel_values": chunk})["vision_features"]
+            runs.append(self.projector.run({"vision_features": features})["image_embeds"])
+        return np.concatenate(runs)
+
+    def embed(self, ids: np.ndarray) -> np.ndarray:
+        """Token ids (...,) -> rows of the memory-mapped table as float32 (..., hidden)."""
+        return np.asarray(self.embed_table[ids], dtype=np.float32)
+
+    def splice(self, ids: Sequence[int], image_embeds: np.ndarray | None) -> np.ndarray:
+        """Embed the ids, then overwrite the <IMG_CONTEXT> rows, in order, with the image embeddings."""
+        ids = np.asarray(ids, dtype=np.int64)
+        embeds = self.embed(ids)  # (s, hidden)
+        rows = np.flatnonzero(ids == self.tokenizer.image_context)
+        features = np.zeros((0, embeds.shape[-1]), np.float32) if image_embeds is None else image_embeds.reshape(-1, embeds.shape[-1])
+        if len(rows) != len(features):
+            raise InputError(f"image tokens {len(rows)} in the prompt, image features {len(features)}: they must match")
+        embeds[rows] = features
+        return embeds
+
+    def prepare(
+        self,
+        question: str,
+        images: Images = None,
+        history: Sequence[tuple[str, str]] = (),
+        system_message: str | None = None,
+        video: str | Path | None = None,
+        num_frames: int = 8,
+        max_tiles: int | None = None,
+    ) -> Request:
+        """Tile, place the <image> markers as chat() does, render the template, tokenise, check the length."""
+        start = time.perf_counter()
+        tiling = self.tiling if max_tiles is None else TilingConfig(**{**self.tiling.__dict__, "max_tiles": max_tiles})
+        if video is not None:
+            if images:
+                raise InputError("give either images or a video, not both")
+            pixel_values, tiles_per_image = preprocess_video(video, num_frames, tiling)
+            question = prompts.video_question(question, len(tiles_per_image))
+        else:
+            pixel_values, tiles_per_image = preprocess_images(_as_list(images), tiling)
+            question = prompts.with_placeholders(question, len(tiles_per_image), history)
+        system = self.manifest.system_message if system_message is None else system_message
+        text = prompts.render(question, history, system)
+        text = prompts.expand_images(text, tiles_per_image, self.manifest.model.num_image_tokens)
+        ids = self.tokenizer.encode(text)
+        if len(ids) >= self.manifest.max_context:
+            raise InputError(f"the prompt is {len(ids)} tokens, over the model's context of {self.manifest.max_context}")
+        return Request(ids, pixel_values, tiles_per_image, question, list(history), (time.perf_counter() - start) * 1000)
+
+    # --- answering -----------------------------------------------------------------------------------------
+
+    def chat(self, question: str, images: Images = None, history: Sequence[tuple[str, str]] = (),
+             generation: GenerationConfig | None = None, **prepare_options) -> ChatResult:
+        """Answer one question as InternVL2.5's chat(); returns the response and the new history."""
+        stream = self.stream(question, images, history, generation, **prepare_options)
+        for _ in stream:
+            pass
+        return stream.result
+
+    def stream(self, question: str, images: Images = None, history: Sequence[tuple[str, str]] = (),
+               generation: GenerationConfig | None = None, **prepare_options) -> Stream:
+        """As chat(), yielding text pieces as they are decoded; the ChatResult is on `.result` at the end."""
+        generation = generation or GenerationConfig()
+        request = self.prepare(question, images, history, **prepare_options)
+        stream = Stream(iter(()))
+        stream.pieces = self._stream(request, generation, stream)
+        return stream
+
+    def _stream(self, request: Request, generation: GenerationConfig, stream: Stream) -> Iterator[str]:
+        timings = Timings(preprocess_ms=request.preprocess_ms, prompt_tokens=len(request.ids), tiles=len(request.pixel_values))
+        start = time.perf_counter()
+        image_embeds = self.encode_images(request.pixel_values) if len(request.pixel_values) else None
+        timings.vision_ms = (time.perf_counter() - start) * 1000
+        embeds = self.splice(request.ids, image_embeds)[None]  # (1, s, hidden)
+        detok = IncrementalDecoder(self.tokenizer, generation.stop)
+        pieces: list[str] = []
+
+        def on_token(row: int, token: int) -> bool:
+            pieces.append(detok.push(token))
+            return detok.stopped
+
+        steps = generate_steps(self.decoder, embeds, np.ones((1, len(request.ids)), np.int64), self.embed, generation,
+                               self.tokenizer.stop_ids, self.tokenizer.pad, self.manifest.max_context, on_token)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as finished:
+                generated: Generated = finished.value
+                break
+            yield from (p for p in pieces if p)
+            pieces.clear()
+        tail = detok.finish()
+        if tail:
+            yield tail
+        timings.prefill_ms, timings.decode_ms = generated.prefill_s * 1000, generated.decode_s * 1000
+        timings.new_tokens = len(generated.token_ids[0])
+        text = prompts.clean_response(detok.final_text)
+        stream.result = ChatResult(text, generated.token_ids[0], request.history + [(request.question, text)],
+                                   generated.finish_reasons[0], timings)
+
+    def batch_chat(self, questions: Sequence[str], images: Sequence[Images] | None = None,
+                   generation: GenerationConfig | None = None, system_message: str | None = None) -> list[ChatResult]:
+        """Several independent questions in one left-padded batch, as InternVL2.5's batch_chat()."""
+        generation = generation or GenerationConfig()
+        images = list(images) if images is not None else [None] * len(questions)
+        if len(images) != len(questions):
+            raise InputError(f"{len(questions)} questions but {len(images)} image entries")
+        requests = [self.prepare(q, im, system_message=system_message) for q, im in zip(questions, images)]
+        start = time.perf_counter()
+        all_pixels = [r.pixel_values for r in requests if len(r.pixel_values)]
+        image_embeds = self.encode_images(np.concatenate(all_pixels)) if all_pixels else None
+        vision_ms = (time.perf_counter() - start) * 1000
+        width = max(len(r.ids) for r in requests)
+        hidden = self.embed_table.shape[1]
+        embeds = np.zeros((len(requests), width, hidden), np.float32)
+        mask = np.zeros((len(requests), width), np.int64)
+        used = 0
+        for row, r in enumerate(requests):
+            tiles = len(r.pixel_values)
+            mine = image_embeds[used : used + tiles] if tiles else None
+            used += tiles
+            pad = width - len(r.ids)
+            embeds[row, :pad] = self.embed(np.array([self.tokenizer.pad]))
+            embeds[row, pad:] = self.splice(r.ids, mine)
+            mask[row, pad:] = 1
+        generated = generate(self.decoder, embeds, mask, self.embed, generation, self.tokenizer.stop_ids,
+                             self.tokenizer.pad, self.manifest.max_context)
+        results = []
+        for row, r in enumerate(requests):
+            timings = Timings(r.preprocess_ms, vision_ms, generated.prefill_s * 1000, generated.decode_s * 1000,
+                              len(generated.token_ids[row]), len(r.ids), len(r.pixel_values))
+            text = prompts.clean_response(self.tokenizer.decode(generated.token_ids[row]))
+            results.append(ChatResult(text, generated.token_ids[row], [(r.question, text)], generated.finish_reasons[row], timings))
+        return results
+
+
+def _as_list(images: Images) -> list[ImageInput]:
+    if images is None:
+        return []
+    if isinstance(images, (list, tuple)):
+        return list(images)
+    return [images]
