@@ -41,13 +41,18 @@ def load_fast(path: Path):
 def _reference_tokenizer(path: Path):
     """The checkpoint's own tokenizer as transformers loads it (no remote code)."""
     from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     if not any((path / name).is_file() for name in ("tokenizer.json", "vocab.json", "tokenizer_config.json")):
         raise CheckpointError(f"{path} has no tokenizer (tokenizer.json, or vocab.json + merges.txt)")
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # it warns that config.json's model_type is not a tokenizer's; expected here
     try:
         return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except Exception as exc:
         raise CheckpointError(f"cannot load the tokenizer in {path}: {exc}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 def special_token_ids(tokenizer) -> dict[str, int]:

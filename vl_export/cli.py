@@ -30,6 +30,74 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generation(args: argparse.Namespace):
+    """Greedy unless a sampling flag is given, as the reference's default."""
+    from vl_export.runtime import GenerationConfig
+
+    sampling = any(v is not None for v in (args.temperature, args.top_p, args.top_k))
+    options = dict(max_new_tokens=args.max_new_tokens, seed=args.seed, stop=tuple(args.stop or ()),
+                   repetition_penalty=args.repetition_penalty)
+    if not sampling:
+        return GenerationConfig(**options)
+    return GenerationConfig(temperature=1.0 if args.temperature is None else args.temperature,
+                            top_p=1.0 if args.top_p is None else args.top_p,
+                            top_k=0 if args.top_k is None else args.top_k, **options)
+
+
+def _pipeline(args: argparse.Namespace):
+    from vl_export.runtime import Pipeline
+
+    options = {"threads": args.threads} if args.threads else {}
+    if args.device:
+        options["device"] = args.device
+    return Pipeline.from_bundle(args.bundle, backend=args.backend, **options)
+
+
+@command("run")
+def _run(args: argparse.Namespace) -> int:
+    import json
+
+    pipe = _pipeline(args)
+    request = dict(images=args.image or None, video=args.video, num_frames=args.frames, max_tiles=args.max_tiles,
+                   system_message=args.system, generation=_generation(args))
+    if args.stream and not args.json:
+        stream = pipe.stream(args.prompt, **request)
+        for piece in stream:
+            print(piece, end="", flush=True)
+        print()
+        result = stream.result
+    else:
+        result = pipe.chat(args.prompt, **request)
+        print(json.dumps(result.to_dict(), ensure_ascii=False) if args.json else result.text)
+    return 0
+
+
+@command("chat")
+def _chat(args: argparse.Namespace) -> int:
+    from vl_export.runtime.interactive import chat_loop
+
+    return chat_loop(_pipeline(args), _generation(args), max_tiles=args.max_tiles, system_message=args.system)
+
+
+def _runtime_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bundle", required=True, help="bundle directory")
+    p.add_argument("--backend", default="onnxruntime", help="onnxruntime (ort), openvino (ov) or tensorrt (trt)")
+    p.add_argument("--device", default=None, help="backend device, e.g. cpu or cuda for onnxruntime")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for the backend")
+
+
+def _generation_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=1024)
+    p.add_argument("--temperature", type=float, default=None, help="sample at this temperature (default: greedy)")
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--max-tiles", type=int, default=None, help="most tiles per image (default: the bundle's, 12)")
+    p.add_argument("--system", default=None, help="system message (default: InternVL2.5's)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vl-export",
@@ -43,6 +111,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="bundle directory to create")
     p.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32", help="graph precision (default fp32)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
+    p = sub.add_parser("run", help="answer one prompt about images or a video")
+    _runtime_arguments(p)
+    p.add_argument("--image", action="append", help="image file (repeatable, in order)")
+    p.add_argument("--video", default=None, help="video file (needs PyAV)")
+    p.add_argument("--frames", type=int, default=8, help="frames sampled from --video")
+    p.add_argument("--prompt", required=True)
+    _generation_arguments(p)
+    p.add_argument("--stream", action="store_true", help="print the answer as it is decoded")
+    p.add_argument("--json", action="store_true", help='print one line: {"text", "token_ids", "timings"}')
+
+    p = sub.add_parser("chat", help="interactive multi-round chat; /image PATH attaches an image")
+    _runtime_arguments(p)
+    _generation_arguments(p)
     return parser
 
 
