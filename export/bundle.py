@@ -3,20 +3,14 @@
 from __future__ import annotations
 
 import datetime
-import hashlib
-import os
-import shutil
 import sys
-import tempfile
-import time
-from collections.abc import Callable
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
 import vl_export
 from vl_export.errors import VlExportError
+from vl_export.files import Progress, file_sha256, staged_directory, stderr_progress, step
 from vl_export.manifest import ROLES, GraphEntry, Manifest, Preprocessing
 from vl_export.runtime.prompt import DEFAULT_SYSTEM_MESSAGE
 
@@ -25,55 +19,6 @@ from .tokenizer import write_tokenizer
 
 PRECISIONS = ("fp32", "fp16")
 EMBED_FILE = "embed_tokens.npy"
-
-Progress = Callable[[str], None]
-
-
-def stderr_progress(message: str) -> None:
-    print(f"[vl-export] {message}", file=sys.stderr, flush=True)
-
-
-@contextmanager
-def step(progress: Progress, what: str):
-    start = time.perf_counter()
-    progress(f"{what} ...")
-    yield
-    progress(f"{what}: done in {time.perf_counter() - start:.1f} s")
-
-
-@contextmanager
-def staged_directory(out: Path, overwrite: bool):
-    """Yield a scratch directory beside `out`; on success it becomes `out`, on failure it disappears."""
-    out = out.expanduser().absolute()
-    if out.exists() and not overwrite:
-        raise VlExportError(f"{out} already exists; pass --overwrite to replace it")
-    if out.exists() and not out.is_dir():
-        raise VlExportError(f"{out} exists and is not a directory")
-    parent = out.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=parent))
-    except OSError as exc:
-        raise VlExportError(f"cannot write to {parent}: {exc.strerror or exc}") from None
-    try:
-        yield staging
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; a bundle is an ordinary directory
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        while chunk := stream.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
-
 
 def library_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version

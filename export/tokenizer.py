@@ -35,10 +35,10 @@ def load_fast(path: Path):
             return Tokenizer.from_file(str(path / "tokenizer.json"))
         except Exception as exc:
             raise CheckpointError(f"cannot read {path / 'tokenizer.json'}: {exc}") from None
-    return _reference_tokenizer(path).backend_tokenizer
+    return checkpoint_tokenizer(path).backend_tokenizer
 
 
-def _reference_tokenizer(path: Path):
+def checkpoint_tokenizer(path: Path):
     """The checkpoint's own tokenizer as transformers loads it (no remote code)."""
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -87,7 +87,7 @@ def prove_same_ids(tokenizer_json: Path, checkpoint: Path) -> int:
     from tokenizers import Tokenizer
 
     ours = Tokenizer.from_file(str(tokenizer_json))
-    reference = _reference_tokenizer(checkpoint)
+    reference = checkpoint_tokenizer(checkpoint)
     added = [str(t) if isinstance(t, str) else t.content for t in reference.added_tokens_decoder.values()]
     corpus = list(PROOF_CORPUS) + added + ["x" + "".join(added) + "y"]
     for text in corpus:

@@ -7,12 +7,7 @@ exported elsewhere, with only the runtime and trt extras installed.
 from __future__ import annotations
 
 import datetime
-import os
-import shutil
-import sys
-import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from vl_export.engines import (
@@ -24,7 +19,8 @@ from vl_export.engines import (
     Target,
     file_sha256,
 )
-from vl_export.errors import BundleError, VlExportError
+from vl_export.errors import BundleError
+from vl_export.files import Progress, staged_directory, stderr_progress
 from vl_export.manifest import ROLES, GraphEntry, Manifest
 from vl_export.runtime.backends.cuda_rt import check, import_cudart, probe_gpu
 from vl_export.runtime.backends.trt import import_tensorrt
@@ -33,11 +29,6 @@ from . import trt_steps
 from .trt_profiles import BuildOptions, ProfileSizes, graph_profiles, resolve_sizes
 
 TIMING_CACHE = "timing.cache"
-Progress = Callable[[str], None]
-
-
-def _stderr(message: str) -> None:
-    print(f"[vl-export] {message}", file=sys.stderr, flush=True)
 
 
 def build_target(device: int = 0) -> tuple[object, Target]:
@@ -87,7 +78,7 @@ def build_one(trt, logger, bundle: Path, entry: GraphEntry, sizes: ProfileSizes,
     return record, trt_steps.serialized_timing_cache(config)
 
 
-def build_engines(bundle_dir: Path | str, options: BuildOptions = BuildOptions(), progress: Progress = _stderr) -> dict:
+def build_engines(bundle_dir: Path | str, options: BuildOptions = BuildOptions(), progress: Progress = stderr_progress) -> dict:
     """Build every graph of the bundle into BUNDLE/engines/, replacing what was there only once all plans built.
 
     Returns the engines.json content. Raises BackendUnavailableError without TensorRT, cuda-python or a CUDA GPU.
@@ -100,8 +91,7 @@ def build_engines(bundle_dir: Path | str, options: BuildOptions = BuildOptions()
     progress(f"building TensorRT {target.tensorrt_version} engines for {target.gpu_name} "
              f"(compute capability {target.compute_capability}); timing cache: {source}")
     logger = trt.Logger(trt.Logger.WARNING)
-    staging = Path(tempfile.mkdtemp(prefix=f".{ENGINES_DIR}.partial-", dir=bundle))
-    try:
+    with staged_directory(bundle / ENGINES_DIR, overwrite=True) as staging:
         records = {}
         for role in ROLES:
             start = time.perf_counter()
@@ -113,9 +103,6 @@ def build_engines(bundle_dir: Path | str, options: BuildOptions = BuildOptions()
         created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         engines = Engines(target, records, options.to_dict(), created)
         engines.save(staging)
-        _replace_dir(staging, bundle / ENGINES_DIR)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     if options.timing_cache is not None:
         trt_steps.write_file_atomically(options.timing_cache, timing_cache)
     manifest.engines = f"{ENGINES_DIR}/{ENGINES_FILE}"
@@ -123,13 +110,3 @@ def build_engines(bundle_dir: Path | str, options: BuildOptions = BuildOptions()
     progress(f"engines written to {(bundle / ENGINES_DIR).absolute()}")
     return engines.to_dict()
 
-
-def _replace_dir(staging: Path, target: Path) -> None:
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; engines/ is an ordinary part of the bundle
-    if target.exists() and not target.is_dir():
-        raise VlExportError(f"{target} exists and is not a directory")
-    if target.exists():
-        shutil.rmtree(target)
-    staging.rename(target)

@@ -79,6 +79,45 @@ def _chat(args: argparse.Namespace) -> int:
     return chat_loop(_pipeline(args), _generation(args), max_tiles=args.max_tiles, system_message=args.system)
 
 
+@command("verify")
+def _verify(args: argparse.Namespace) -> int:
+    import json
+
+    from vl_export.errors import VerificationFailed
+    from vl_export.export.verify import table, verify_bundle
+    from vl_export.runtime.bench import parse_options
+
+    prompts = None
+    if args.prompts:
+        prompts = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+    options = {"threads": args.threads} if args.threads else {}
+    if args.device:
+        options["device"] = args.device
+    thresholds = {k: float(v) for k, v in parse_options(args.threshold).items()}
+    report = verify_bundle(Path(args.bundle), args.model, args.image, prompts, args.new_tokens, args.backend,
+                           thresholds, **options)
+    print(table(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    if not report["passed"]:
+        raise VerificationFailed("the bundle does not match the reference within the thresholds (see the table)")
+    return 0
+
+
+@command("bench")
+def _bench(args: argparse.Namespace) -> int:
+    import json
+
+    from vl_export.bench import markdown, run_bench
+
+    report = run_bench(Path(args.bundle), args.reference, args.tiles, args.new_tokens, args.runs, args.backend,
+                       args.threads, args.option)
+    print(markdown(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
 def _runtime_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bundle", required=True, help="bundle directory")
     p.add_argument("--backend", default="onnxruntime", help="onnxruntime (ort), openvino (ov) or tensorrt (trt)")
@@ -121,6 +160,24 @@ def build_parser() -> argparse.ArgumentParser:
     _generation_arguments(p)
     p.add_argument("--stream", action="store_true", help="print the answer as it is decoded")
     p.add_argument("--json", action="store_true", help='print one line: {"text", "token_ids", "timings"}')
+
+    p = sub.add_parser("verify", help="compare a bundle with the PyTorch reference, stage by stage (exit 1 on failure)")
+    _runtime_arguments(p)
+    p.add_argument("--model", required=True, help="the checkpoint the bundle was built from")
+    p.add_argument("--image", action="append", help="image to check with (repeatable; default: two built-in drawings)")
+    p.add_argument("--prompts", default=None, help="file with one prompt per line (default: two built-in prompts)")
+    p.add_argument("--new-tokens", type=int, default=16, help="greedy tokens compared per case")
+    p.add_argument("--threshold", action="append", default=[], help="override a threshold, e.g. logit_cosine=0.999")
+    p.add_argument("--json", default=None, help="write every number to this JSON file")
+
+    p = sub.add_parser("bench", help="time a bundle (and PyTorch eager with --reference) on this machine")
+    _runtime_arguments(p)
+    p.add_argument("--reference", default=None, help="checkpoint to time PyTorch eager fp32 on, in the same run")
+    p.add_argument("--tiles", default="1,7,13", help="tile counts for time to first token (default 1,7,13)")
+    p.add_argument("--new-tokens", type=int, default=64, help="tokens to decode for decode speed")
+    p.add_argument("--runs", type=int, default=3, help="timed runs after one warm-up (default 3)")
+    p.add_argument("--option", action="append", default=[], help="backend option key=value (repeatable)")
+    p.add_argument("--json", default=None, help="also write every number to this JSON file")
 
     p = sub.add_parser("chat", help="interactive multi-round chat; /image PATH attaches an image")
     _runtime_arguments(p)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -10,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import BackendUnavailableError, BundleError, InputError
+from .files import file_sha256
 from .manifest import GraphEntry, TensorSpec
 
 BACKEND = "tensorrt"  # the backend name a manifest uses for TensorRT-specific graph variants
@@ -19,14 +19,6 @@ SCHEMA_VERSION = 1
 REBUILD = "rebuild them on this machine (vl-export build --backend trt)"
 
 Range = tuple[int, int, int]  # (min, opt, max) of one symbolic axis
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        while chunk := stream.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def onnx_sha256(bundle: Path, entry: GraphEntry) -> str:
