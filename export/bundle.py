@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import sys
 from pathlib import Path
@@ -34,7 +35,7 @@ def library_versions() -> dict[str, str]:
 
 def write_embeddings(model, staging: Path, precision: str) -> dict:
     table = model.model.language_model.embed_tokens.weight.detach().numpy()  # (vocab, hidden)
-    table = table.astype(np.float16 if precision == "fp16" else np.float32)
+    table = table.astype(np.float32 if precision == "fp32" else np.float16)  # fp16 rows for fp16 and int8 bundles
     np.save(staging / EMBED_FILE, table)
     return {"file": EMBED_FILE, "dtype": str(table.dtype), "shape": list(table.shape)}
 
@@ -77,9 +78,25 @@ def export_graphs(ck: checkpoint.Checkpoint, precision: str, staging: Path, prog
 
 
 def _with_hash(entry: GraphEntry, staging: Path) -> GraphEntry:
-    from dataclasses import replace
+    return dataclasses.replace(entry, sha256=file_sha256(staging / entry.file))
 
-    return replace(entry, sha256=file_sha256(staging / entry.file))
+
+def load_checkpoint(model: str, progress: Progress) -> checkpoint.Checkpoint:
+    path = checkpoint.resolve(model)
+    with step(progress, f"loading {path}"):
+        return checkpoint.load(path)
+
+
+def write_bundle(ck: checkpoint.Checkpoint, staging: Path, graph_precision: str, progress: Progress,
+                 embed_precision: str | None = None) -> Manifest:
+    """Tokenizer, embedding table, the three graphs and the manifest, into `staging`."""
+    with step(progress, "writing tokenizer.json and proving it against the checkpoint's tokenizer"):
+        specials = write_tokenizer(ck.path, staging)
+    embed = write_embeddings(ck.model, staging, embed_precision or graph_precision)
+    graphs = export_graphs(ck, graph_precision, staging, progress)
+    manifest = new_manifest(ck, specials, graphs, embed)
+    manifest.save(staging)
+    return manifest
 
 
 def export_bundle(
@@ -88,15 +105,8 @@ def export_bundle(
     """Export the checkpoint `model` (a directory, a cached hub id, or random:<preset>) to the bundle `out`."""
     if precision not in PRECISIONS:
         raise VlExportError(f"unknown dtype {precision!r} for export (choose from {', '.join(PRECISIONS)})")
-    path = checkpoint.resolve(model)
-    with step(progress, f"loading {path}"):
-        ck = checkpoint.load(path)
+    ck = load_checkpoint(model, progress)
     with staged_directory(Path(out), overwrite) as staging:
-        with step(progress, "writing tokenizer.json and proving it against the checkpoint's tokenizer"):
-            specials = write_tokenizer(ck.path, staging)
-        embed = write_embeddings(ck.model, staging, precision)
-        graphs = export_graphs(ck, precision, staging, progress)
-        manifest = new_manifest(ck, specials, graphs, embed)
-        manifest.save(staging)
+        manifest = write_bundle(ck, staging, precision, progress)
     progress(f"bundle written to {Path(out).absolute()}")
     return manifest

@@ -39,8 +39,8 @@ def card_pixel_values(image, image_size: int = 448, max_num: int = 12, use_thumb
 
 
 class Reference:
-    def __init__(self, model: str, attention: str = "eager"):
-        self.ck = checkpoint.load(checkpoint.resolve(model))
+    def __init__(self, model: str | checkpoint.Checkpoint, attention: str = "eager"):
+        self.ck = model if isinstance(model, checkpoint.Checkpoint) else checkpoint.load(checkpoint.resolve(model))
         self.model = self.ck.model
         self.model.set_attn_implementation(attention)
         self.tokenizer = checkpoint_tokenizer(self.ck.path)

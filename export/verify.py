@@ -156,7 +156,7 @@ def judge(cases: list[dict], t: Thresholds) -> list[dict]:
     return out
 
 
-def verify_bundle(bundle: Path, model: str, images: list[str] | None = None, prompts: list[str] | None = None,
+def verify_bundle(bundle: Path, model: str, images: list | None = None, prompts: list[str] | None = None,
                   new_tokens: int = 16, backend: str = "onnxruntime", threshold_overrides: dict[str, float] | None = None,
                   reference: Reference | None = None, progress: Progress = stderr_progress, **backend_options) -> dict:
     """Compare the bundle with the reference on every (image, prompt); the report says pass or fail per stage."""
@@ -164,7 +164,8 @@ def verify_bundle(bundle: Path, model: str, images: list[str] | None = None, pro
     precision = bundle_precision(pipe)
     thresholds = THRESHOLDS[precision].replace(threshold_overrides or {})
     ref = reference or Reference(model)
-    inputs = [(str(p), str(p)) for p in images] if images else default_images()
+    # images: paths, or (label, image) pairs; default: the two built-in drawings
+    inputs = [p if isinstance(p, tuple) else (str(p), str(p)) for p in images] if images else default_images()
     cases = []
     for label, image in inputs:
         for prompt in prompts or DEFAULT_PROMPTS:

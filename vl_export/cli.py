@@ -79,6 +79,20 @@ def _chat(args: argparse.Namespace) -> int:
     return chat_loop(_pipeline(args), _generation(args), max_tiles=args.max_tiles, system_message=args.system)
 
 
+@command("build")
+def _build(args: argparse.Namespace) -> int:
+    from vl_export.export.build import BuildConfig, build_bundle
+    from vl_export.export.trt_profiles import BuildOptions
+
+    trt = BuildOptions(max_batch=args.max_batch, max_tiles=args.max_tiles, max_context=args.max_context,
+                       optimization_level=args.opt_level, timing_cache=Path(args.timing_cache) if args.timing_cache else None)
+    config = BuildConfig(precision=args.precision, backend=args.backend, calib_images=args.calib_images,
+                         calib_prompts=args.calib_prompts, calib_method=args.calib_method,
+                         decoder_recipe=args.decoder_recipe, verify=not args.no_verify, trt=trt, overwrite=args.overwrite)
+    build_bundle(args.model, Path(args.out), config)
+    return 0
+
+
 @command("verify")
 def _verify(args: argparse.Namespace) -> int:
     import json
@@ -149,6 +163,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="checkpoint directory, Hugging Face repo id (from the local cache), or random:<preset>")
     p.add_argument("--out", required=True, help="bundle directory to create")
     p.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32", help="graph precision (default fp32)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
+    p = sub.add_parser("build", help="export + calibrate/quantize (int8) + TensorRT engines (trt) + verify, in one step")
+    p.add_argument("--model", required=True, help="checkpoint directory, Hugging Face repo id (from the local cache), or random:<preset>")
+    p.add_argument("--out", required=True, help="bundle directory to create")
+    p.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32")
+    p.add_argument("--backend", choices=("ort", "onnxruntime", "trt", "tensorrt"), default="ort",
+                   help="ort: ONNX graphs (plus ORT-fast INT8 variants); trt: also TensorRT engines for this GPU")
+    p.add_argument("--calib-images", default=None, help="directory of calibration images (default: a built-in set)")
+    p.add_argument("--calib-prompts", default=None, help="file of calibration prompts, one per line")
+    p.add_argument("--calib-method", choices=("minmax", "entropy", "percentile"), default="minmax")
+    p.add_argument("--decoder-recipe", choices=("weight-only", "w8a8"), default="weight-only",
+                   help="INT8 decoder: weight-only (default; activations have outliers) or static W8A8")
+    p.add_argument("--no-verify", action="store_true", help="skip the accuracy check against PyTorch")
+    p.add_argument("--max-batch", type=int, default=1, help="TensorRT: largest batch the decoder engine takes")
+    p.add_argument("--max-tiles", type=int, default=None, help="TensorRT: most tiles per vision run (default max tiles + 1)")
+    p.add_argument("--max-context", type=int, default=None, help="TensorRT: longest sequence (default: the model's)")
+    p.add_argument("--opt-level", type=int, default=None, help="TensorRT builder optimization level (0-5)")
+    p.add_argument("--timing-cache", default=None, help="TensorRT timing cache file to reuse and update")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
     p = sub.add_parser("run", help="answer one prompt about images or a video")

@@ -1,0 +1,153 @@
+"""INT8 graphs from fp32 graphs: static W8A8 Q/DQ and dynamic INT8 through ONNX Runtime's quantizer, and the
+weight-only INT8 Q/DQ form for the decoder.
+
+ONNX Runtime's quantization tools do the calibration (minmax, entropy, percentile), the symmetric per-channel
+weight scales and the Q/DQ placement. Its weight-only quantizer emits Q/DQ only for 4 bits (8 bits becomes the
+ORT-only MatMulNBits), so the portable weight-only INT8 decoder -- int8 weights behind DequantizeLinear, which
+TensorRT and OpenVINO read -- comes from `weight_only_int8` here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from vl_export.errors import InputError
+
+METHODS = ("minmax", "entropy", "percentile")
+EXTERNAL_DATA_BYTES = 1_800_000_000
+Feeds = Callable[[], Iterable[dict[str, np.ndarray]]]
+
+
+def _ort_method(method: str):
+    from onnxruntime.quantization import CalibrationMethod
+
+    if method not in METHODS:
+        raise InputError(f"unknown calibration method {method!r} (choose from {', '.join(METHODS)})")
+    return {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+            "percentile": CalibrationMethod.Percentile}[method]
+
+
+class _Reader:
+    """ONNX Runtime's CalibrationDataReader over a feed generator."""
+
+    def __init__(self, feeds: Feeds):
+        self._feeds: Iterator = iter(feeds())
+
+    def get_next(self):
+        return next(self._feeds, None)
+
+    def rewind(self):  # not needed: each quantize call makes its own reader
+        pass
+
+
+def _big(path: Path) -> bool:
+    return sum(f.stat().st_size for f in path.parent.glob(path.name + "*")) > EXTERNAL_DATA_BYTES
+
+
+def _quiet():
+    """ONNX Runtime's quantizer logs a pre-processing hint at WARNING on every call; ours say what happened."""
+    logging.getLogger().setLevel(logging.ERROR)
+
+
+def w8a8(src: Path, dst: Path, feeds: Feeds, method: str, cache: Path | None,
+         op_types: tuple[str, ...] = ("MatMul", "Gemm", "Conv"), weights_only_matmuls: bool = True) -> None:
+    """Static W8A8: symmetric int8 activations (calibrated) and symmetric per-channel int8 weights, as Q/DQ.
+
+    `weights_only_matmuls` leaves the attention matmuls (both inputs activations) in float: only layers with
+    weights are quantized, LayerNorm, Softmax and GELU stay in float because they are not in `op_types`.
+    """
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    _quiet()
+    excluded = activation_matmuls(src) if weights_only_matmuls else []
+    options = {
+        "ActivationSymmetric": True,  # TensorRT requires symmetric (zero-point 0) int8
+        "WeightSymmetric": True,
+        # Q/DQ on the inputs of quantized layers only, as TensorRT's placement guide asks: their outputs feed the
+        # bias add and the residual sum in float.
+        "OpTypesToExcludeOutputQuantization": list(op_types),
+        "CalibMaxIntermediateOutputs": 2,  # merge statistics as it goes: a ViT's activations do not fit in memory
+        "CalibPercentile": 99.999,
+    }
+    quantize_static(
+        str(src), str(dst), _Reader(feeds) if cache is None or not cache.is_file() else None,
+        quant_format=QuantFormat.QDQ, per_channel=True, weight_type=QuantType.QInt8, activation_type=QuantType.QInt8,
+        calibrate_method=_ort_method(method), op_types_to_quantize=list(op_types), nodes_to_exclude=excluded,
+        use_external_data_format=_big(src), calibration_cache_path=cache, extra_options=options,
+    )
+
+
+def activation_matmuls(path: Path) -> list[str]:
+    """Names of the MatMuls whose inputs are both activations (attention's QK^T and PV)."""
+    model = onnx.load(str(path), load_external_data=False)
+    weights = {t.name for t in model.graph.initializer}
+    return [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] not in weights]
+
+
+def dynamic_int8(src: Path, dst: Path, op_types: tuple[str, ...] = ("MatMul", "Gemm")) -> None:
+    """ONNX Runtime's dynamic INT8: int8 per-channel weights, activations quantized per call (MatMulInteger).
+
+    The fast INT8 form on ONNX Runtime's CPU kernels; no calibration. ORT-only in practice.
+    """
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    _quiet()
+    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True,
+                     op_types_to_quantize=list(op_types), use_external_data_format=_big(src),
+                     extra_options={"MatMulConstBOnly": True})
+
+
+def weight_only_int8(src: Path, dst: Path) -> int:
+    """Every MatMul whose B is a 2-D float weight gets int8 weights (symmetric, per output column) and a
+    DequantizeLinear in front; activations stay float. Returns the number of weights quantized."""
+    model = onnx.load(str(src))
+    graph = model.graph
+    weights = {t.name: t for t in graph.initializer}
+    consumers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers[name] = consumers.get(name, 0) + 1
+    new_nodes, count = [], 0
+    for node in graph.node:
+        name = node.input[1] if node.op_type == "MatMul" and len(node.input) > 1 else None
+        tensor = weights.get(name) if name else None
+        if tensor is None or len(tensor.dims) != 2 or tensor.data_type != onnx.TensorProto.FLOAT or consumers[name] != 1:
+            new_nodes.append(node)
+            continue
+        w = numpy_helper.to_array(tensor)  # (K, N): y = x @ w
+        scale = np.maximum(np.abs(w).max(axis=0), 1e-12) / 127.0  # (N,)
+        q = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
+        tensor.CopyFrom(numpy_helper.from_array(q, name + "_int8"))
+        graph.initializer.append(numpy_helper.from_array(scale.astype(np.float32), name + "_scale"))
+        new_nodes.append(onnx.helper.make_node("DequantizeLinear", [name + "_int8", name + "_scale"], [name + "_dq"],
+                                               name=name + "_DequantizeLinear", axis=1))
+        node.input[1] = name + "_dq"
+        new_nodes.append(node)
+        count += 1
+    graph.ClearField("node")
+    graph.node.extend(new_nodes)
+    save(model, dst)
+    return count
+
+
+def save(model: onnx.ModelProto, dst: Path) -> None:
+    size = sum(t.ByteSize() for t in model.graph.initializer)
+    if size > EXTERNAL_DATA_BYTES:
+        onnx.save_model(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=dst.name + ".data")
+    else:
+        onnx.save_model(model, str(dst))
+
+
+def count_ops(path: Path) -> dict[str, int]:
+    model = onnx.load(str(path), load_external_data=False)
+    counts: dict[str, int] = {}
+    for node in model.graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts

@@ -1,0 +1,156 @@
+"""`vl-export build`: export, calibrate and quantize where INT8 asks for it, build TensorRT engines where TensorRT is
+the backend, verify against PyTorch, and leave one bundle the runtime can load."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vl_export.errors import InputError, VerificationFailed
+from vl_export.files import Progress, file_sha256, staged_directory, stderr_progress, step
+from vl_export.manifest import ROLES, GraphEntry, Manifest
+
+from .bundle import load_checkpoint, write_bundle
+from .trt_profiles import BuildOptions
+
+PRECISIONS = ("fp32", "fp16", "int8")
+BACKENDS = {"ort": "onnxruntime", "onnxruntime": "onnxruntime", "trt": "tensorrt", "tensorrt": "tensorrt"}
+DECODER_RECIPES = ("weight-only", "w8a8")
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    precision: str = "fp32"
+    backend: str = "onnxruntime"
+    calib_images: str | None = None
+    calib_prompts: str | None = None
+    calib_method: str = "minmax"
+    decoder_recipe: str = "weight-only"
+    verify: bool = True
+    verify_tokens: int = 16
+    trt: BuildOptions = field(default_factory=BuildOptions)
+    overwrite: bool = False
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise InputError(f"unknown precision {self.precision!r} (choose from {', '.join(PRECISIONS)})")
+        if self.backend not in BACKENDS:
+            raise InputError(f"unknown build backend {self.backend!r} (choose from ort, trt)")
+        object.__setattr__(self, "backend", BACKENDS[self.backend])
+        if self.decoder_recipe not in DECODER_RECIPES:
+            raise InputError(f"unknown decoder recipe {self.decoder_recipe!r} (choose from {', '.join(DECODER_RECIPES)})")
+        from vl_export.calibration.quantize import METHODS
+
+        if self.calib_method not in METHODS:
+            raise InputError(f"unknown calibration method {self.calib_method!r} (choose from {', '.join(METHODS)})")
+
+
+def build_bundle(model: str, out: Path, config: BuildConfig = BuildConfig(), progress: Progress = stderr_progress) -> Manifest:
+    """The one-shot path. Raises VerificationFailed (exit 1) after writing the bundle when it does not verify."""
+    if config.backend == "tensorrt":
+        from .trt_build import build_target
+
+        build_target(config.trt.device)  # no TensorRT or no GPU: say so before any work
+    calibration = None
+    if config.precision == "int8":
+        from vl_export.calibration.data import CalibrationSet
+
+        calibration = CalibrationSet.from_paths(config.calib_images, config.calib_prompts)  # bad data fails first
+    ck = load_checkpoint(model, progress)
+    with staged_directory(Path(out), config.overwrite) as staging:
+        graph_precision = "fp16" if config.precision == "fp16" else "fp32"
+        manifest = write_bundle(ck, staging, graph_precision, progress, embed_precision=config.precision)
+        if calibration is not None:
+            manifest = quantize_bundle(staging, manifest, ck.sha256, calibration, config, progress)
+        if config.backend == "tensorrt":
+            from .trt_build import build_engines
+
+            build_engines(staging, config.trt, progress)
+            manifest = Manifest.load(staging)
+        if config.verify:
+            manifest.verification = quick_verify(staging, ck, config, progress)
+            manifest.save(staging)
+    progress(f"bundle written to {Path(out).absolute()}")
+    if manifest.verification is not None and not manifest.verification["passed"]:
+        failed = sorted({s["stage"] for s in manifest.verification["stages"] if not s["pass"]})
+        raise VerificationFailed(f"the bundle was written but does not verify against PyTorch: {', '.join(failed)} "
+                                 f"(run vl-export verify for the full table)")
+    return manifest
+
+
+def quick_verify(bundle: Path, ck, config: BuildConfig, progress: Progress) -> dict:
+    from .reference import Reference
+    from .verify import DEFAULT_PROMPTS, default_images, summary, table, verify_bundle
+
+    label, image = default_images()[0]
+    with step(progress, f"verifying against PyTorch ({label}, {config.verify_tokens} greedy tokens)"):
+        report = verify_bundle(bundle, str(ck.path), images=[(label, image)], prompts=[DEFAULT_PROMPTS[0]],
+                               new_tokens=config.verify_tokens, backend=config.backend,
+                               reference=Reference(ck), progress=lambda _: None)
+    for line in table(report).splitlines():
+        progress(line)
+    return summary(report)
+
+
+def quantize_bundle(staging: Path, manifest: Manifest, source_sha: str, data, config: BuildConfig,
+                    progress: Progress) -> Manifest:
+    """Replace the fp32 graphs in `staging` by INT8 ones; returns the updated manifest (saved)."""
+    from vl_export.calibration import quantize
+    from vl_export.export.random_model import cache_root
+    from vl_export.runtime import Pipeline
+
+    pipe = Pipeline.from_bundle(staging)  # the fp32 graphs produce the later graphs' calibration inputs
+    method = config.calib_method
+    data_sha = data.sha256()
+    cache_dir = cache_root() / "calibration"
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    reused = []
+
+    def cache_for(role: str) -> Path:
+        path = cache_dir / f"{source_sha[:16]}-{role}-{method}-{data_sha[:16]}.json"
+        if path.is_file():
+            reused.append(role)
+        return path
+
+    fp32 = {role: manifest.graph(role) for role in ROLES}
+    plan: list[tuple[str, str, str, tuple[str, ...] | None, object]] = [
+        ("vision_encoder", "vision_encoder.int8.onnx", f"w8a8-{method}", None,
+         lambda src, dst: quantize.w8a8(src, dst, lambda: data.vision_feeds(pipe), method, cache_for("vision_encoder"))),
+        ("projector", "projector.int8.onnx", f"w8a8-{method}", None,
+         lambda src, dst: quantize.w8a8(src, dst, lambda: data.projector_feeds(pipe), method, cache_for("projector"))),
+    ]
+    if config.decoder_recipe == "weight-only":
+        plan.append(("decoder", "decoder.int8.onnx", "weight-only-int8", None, quantize.weight_only_int8))
+    else:
+        plan.append(("decoder", "decoder.int8.onnx", f"w8a8-{method}", None,
+                     lambda src, dst: quantize.w8a8(src, dst, lambda: data.decoder_feeds(pipe), method, cache_for("decoder"))))
+    if config.backend == "onnxruntime":
+        # ONNX Runtime's CPU kernels run Q/DQ matmuls slowly; its own dynamic INT8 is the fast form there.
+        plan.append(("vision_encoder", "vision_encoder.ort-int8.onnx", "dynamic-int8", ("onnxruntime",), quantize.dynamic_int8))
+        plan.append(("decoder", "decoder.ort-int8.onnx", "dynamic-int8", ("onnxruntime",), quantize.dynamic_int8))
+
+    graphs: list[GraphEntry] = []
+    for role, file, recipe, backends, make in plan:
+        for_whom = ", ".join(backends) if backends else "any backend"
+        with step(progress, f"quantizing {role} ({recipe}, for {for_whom})"):
+            make(staging / fp32[role].file, staging / file)
+        graphs.append(dataclasses.replace(fp32[role], file=file, precision="int8", recipe=recipe, backends=backends,
+                                          sha256=file_sha256(staging / file)))
+    del pipe
+    for entry in fp32.values():
+        for path in staging.glob(entry.file + "*"):
+            path.unlink()
+    manifest.graphs = graphs
+    manifest.calibration = {
+        "method": method,
+        "data_sha256": data_sha,
+        "data": data.source,
+        "images": len(data.images),
+        "prompts": len(data.prompts),
+        "decoder_recipe": config.decoder_recipe,
+        "cache_reused_for": reused,
+        "quantizer": "onnxruntime.quantization (static QDQ, dynamic); weight-only Q/DQ by vl_export.calibration",
+    }
+    manifest.save(staging)
+    return manifest
