@@ -1,0 +1,129 @@
+"""`vl-export build`: INT8 and FP16 bundles that run in the runtime and report their accuracy against PyTorch."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from PIL import Image
+
+from vl_export.cli import main
+from vl_export.export.build import BuildConfig, build_bundle
+from vl_export.manifest import Manifest
+from vl_export.runtime import GenerationConfig, Pipeline
+
+# Thresholds the build's check must meet on the tiny model, vs PyTorch fp32 (the README explains them):
+# INT8 vision and projector W8A8 keep cosine >= 0.99; logits >= 0.98 with a weight-only or dynamic INT8 decoder;
+# teacher-forced top-1 >= 0.85; at least the first greedy token identical.
+INT8_MIN_COSINE = 0.99
+
+
+@pytest.fixture(scope="module")
+def bundle_int8(tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("int8") / "bundle"
+    build_bundle(str(tiny["original"]), out, BuildConfig(precision="int8"), progress=lambda _: None)
+    return out
+
+
+def stage(manifest, name, metric):
+    return next(s for s in manifest.verification["stages"] if s["stage"] == name and s["metric"].startswith(metric))
+
+
+def test_int8_bundle_verifies_and_records_its_numbers(bundle_int8):
+    manifest = Manifest.load(bundle_int8)
+    v = manifest.verification
+    assert v["passed"] and v["precision"] == "int8" and v["backend"] == "onnxruntime"
+    assert stage(manifest, "vision_features", "cosine")["value"] >= INT8_MIN_COSINE
+    assert stage(manifest, "image_embeds", "cosine")["value"] >= INT8_MIN_COSINE
+    assert stage(manifest, "prefill_logits", "cosine")["value"] >= 0.98
+    assert stage(manifest, "teacher_forced_top1", "agreement")["value"] >= 0.85
+    assert stage(manifest, "greedy", "match_length")["value"] >= 1
+    c = manifest.calibration
+    assert c["method"] == "minmax" and c["decoder_recipe"] == "weight-only" and len(c["data_sha256"]) == 64
+    assert {(g.role, g.recipe, g.backends) for g in manifest.graphs} == {
+        ("vision_encoder", "w8a8-minmax", None), ("projector", "w8a8-minmax", None),
+        ("decoder", "weight-only-int8", None), ("vision_encoder", "dynamic-int8", ("onnxruntime",)),
+        ("decoder", "dynamic-int8", ("onnxruntime",)),
+    }
+    assert not (bundle_int8 / "vision_encoder.onnx").exists()  # the fp32 graphs are not shipped
+
+
+def test_int8_bundle_runs_in_the_runtime(bundle_int8):
+    image = Image.fromarray(np.random.default_rng(3).integers(0, 256, (450, 900, 3), dtype=np.uint8))  # 2x1 + thumbnail
+    pipe = Pipeline.from_bundle(bundle_int8)
+    assert pipe.manifest.graph("decoder", "onnxruntime").file == "decoder.ort-int8.onnx"
+    result = pipe.chat("Describe the image.", images=image, generation=GenerationConfig(max_new_tokens=8))
+    assert len(result.token_ids) == 8 and result.timings.tiles == 3
+
+
+def producers(model):
+    return {o: n for n in model.graph.node for o in n.output}
+
+
+def test_qdq_nodes_sit_exactly_where_the_recipe_says(bundle_int8, tiny):
+    layers = tiny["spec"].vision.num_layers
+    vision = onnx.load(str(bundle_int8 / "vision_encoder.int8.onnx"))
+    weights = {t.name: t for t in vision.graph.initializer}
+    made_by = producers(vision)
+    ops = [n.op_type for n in vision.graph.node]
+    # Per layer: int8 weights behind a DequantizeLinear for q, k, v, proj, fc1, fc2; one activation Q/DQ pair per
+    # distinct input (LN1 output shared by q/k/v, attention output, LN2 output, GELU output). The patch conv adds
+    # an input pair and weight + bias dequantizers.
+    assert ops.count("QuantizeLinear") == 4 * layers + 1
+    assert ops.count("DequantizeLinear") == (6 + 4) * layers + 3
+    for node in vision.graph.node:
+        if node.op_type == "MatMul" and node.input[1] in made_by and made_by[node.input[1]].op_type == "DequantizeLinear":
+            dq = made_by[node.input[1]]
+            assert weights[dq.input[0]].data_type == onnx.TensorProto.INT8
+            assert made_by[node.input[0]].op_type == "DequantizeLinear"  # the activation is quantized too
+        if node.op_type in ("LayerNormalization", "Softmax", "Erf"):
+            assert made_by.get(node.input[0]) is None or made_by[node.input[0]].op_type != "DequantizeLinear"
+    attention = [n for n in vision.graph.node if n.op_type == "MatMul" and n.input[1] not in weights
+                 and made_by[n.input[1]].op_type != "DequantizeLinear"]
+    assert len(attention) == 2 * layers  # QK^T and PV stay float
+    for q in (n for n in vision.graph.node if n.op_type == "QuantizeLinear"):
+        zero_point = weights.get(q.input[2]) if len(q.input) > 2 else None
+        assert zero_point is None or (zero_point.data_type == onnx.TensorProto.INT8 and not any(onnx.numpy_helper.to_array(zero_point).ravel()))
+
+    decoder = onnx.load(str(bundle_int8 / "decoder.int8.onnx"))
+    dops = [n.op_type for n in decoder.graph.node]
+    text_layers = tiny["spec"].text.num_layers
+    assert dops.count("QuantizeLinear") == 0  # weight-only: activations stay float
+    assert dops.count("DequantizeLinear") == 7 * text_layers + 1  # q, k, v, o, gate, up, down per layer + lm_head
+
+    projector = [n.op_type for n in onnx.load(str(bundle_int8 / "projector.int8.onnx")).graph.node]
+    assert projector.count("QuantizeLinear") == 2 and projector.count("DequantizeLinear") == 4
+
+    ort_vision = [n.op_type for n in onnx.load(str(bundle_int8 / "vision_encoder.ort-int8.onnx")).graph.node]
+    assert ort_vision.count("MatMulInteger") == 6 * layers and "QuantizeLinear" not in ort_vision
+
+
+def test_rebuild_on_the_same_data_reuses_the_calibration_cache(tiny, tmp_path):
+    build_bundle(str(tiny["original"]), tmp_path / "again", BuildConfig(precision="int8", verify=False), progress=lambda _: None)
+    assert Manifest.load(tmp_path / "again").calibration["cache_reused_for"] == ["vision_encoder", "projector"]
+
+
+def test_fp16_build_verifies(tiny, tmp_path):
+    manifest = build_bundle(str(tiny["original"]), tmp_path / "fp16", BuildConfig(precision="fp16"), progress=lambda _: None)
+    assert manifest.verification["passed"] and manifest.verification["precision"] == "fp16"
+    assert all(g.precision == "fp16" for g in manifest.graphs)
+    assert stage(manifest, "prefill_logits", "cosine")["value"] >= 0.999
+
+
+@pytest.mark.parametrize(
+    "setup, extra, message",
+    [
+        (lambda d: d.mkdir(), ["--calib-images", "{d}"], "holds no images"),
+        (lambda d: (d.mkdir(), (d / "broken.png").write_bytes(b"not a png")), ["--calib-images", "{d}"],
+         "broken.png cannot be decoded"),
+        (lambda d: None, ["--backend", "trt"], "TensorRT"),
+    ],
+)
+def test_bad_build_input_is_one_line_and_leaves_nothing(capsys, tiny, tmp_path, setup, extra, message):
+    data = tmp_path / "calib"
+    setup(data)
+    code = main(["build", "--model", str(tiny["original"]), "--out", str(tmp_path / "bundle"), "--precision", "int8",
+                 *[e.format(d=data) for e in extra]])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("vl-export: error:") and message in err[-1]
+    assert not (tmp_path / "bundle").exists()
