@@ -82,15 +82,37 @@ def _chat(args: argparse.Namespace) -> int:
 @command("build")
 def _build(args: argparse.Namespace) -> int:
     from vl_export.export.build import BuildConfig, build_bundle
-    from vl_export.export.trt_profiles import BuildOptions
 
-    trt = BuildOptions(max_batch=args.max_batch, max_tiles=args.max_tiles, max_context=args.max_context,
-                       optimization_level=args.opt_level, timing_cache=Path(args.timing_cache) if args.timing_cache else None)
+    trt = _trt_options(args)
     config = BuildConfig(precision=args.precision, backend=args.backend, calib_images=args.calib_images,
                          calib_prompts=args.calib_prompts, calib_method=args.calib_method,
                          decoder_recipe=args.decoder_recipe, verify=not args.no_verify, trt=trt, overwrite=args.overwrite)
     build_bundle(args.model, Path(args.out), config)
     return 0
+
+
+@command("engines")
+def _engines(args: argparse.Namespace) -> int:
+    from vl_export.export.trt_build import build_engines
+
+    build_engines(Path(args.bundle), _trt_options(args))
+    return 0
+
+
+def _trt_options(args: argparse.Namespace):
+    from vl_export.export.trt_profiles import BuildOptions
+
+    return BuildOptions(max_batch=args.max_batch, max_tiles=args.max_tiles, max_context=args.max_context,
+                        optimization_level=args.opt_level,
+                        timing_cache=Path(args.timing_cache) if args.timing_cache else None)
+
+
+def _trt_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-batch", type=int, default=1, help="TensorRT: largest batch the decoder engine takes")
+    p.add_argument("--max-tiles", type=int, default=None, help="TensorRT: most tiles per vision run (default max tiles + 1)")
+    p.add_argument("--max-context", type=int, default=None, help="TensorRT: longest sequence (default: the model's)")
+    p.add_argument("--opt-level", type=int, default=None, help="TensorRT builder optimization level (0-5)")
+    p.add_argument("--timing-cache", default=None, help="TensorRT timing cache file to reuse and update")
 
 
 @command("verify")
@@ -177,12 +199,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decoder-recipe", choices=("weight-only", "w8a8"), default="weight-only",
                    help="INT8 decoder: weight-only (default; activations have outliers) or static W8A8")
     p.add_argument("--no-verify", action="store_true", help="skip the accuracy check against PyTorch")
-    p.add_argument("--max-batch", type=int, default=1, help="TensorRT: largest batch the decoder engine takes")
-    p.add_argument("--max-tiles", type=int, default=None, help="TensorRT: most tiles per vision run (default max tiles + 1)")
-    p.add_argument("--max-context", type=int, default=None, help="TensorRT: longest sequence (default: the model's)")
-    p.add_argument("--opt-level", type=int, default=None, help="TensorRT builder optimization level (0-5)")
-    p.add_argument("--timing-cache", default=None, help="TensorRT timing cache file to reuse and update")
+    _trt_arguments(p)
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
+    p = sub.add_parser("engines", help="build TensorRT engines for an existing bundle on this GPU (no torch needed)")
+    p.add_argument("--bundle", required=True)
+    _trt_arguments(p)
 
     p = sub.add_parser("run", help="answer one prompt about images or a video")
     _runtime_arguments(p)
