@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import BackendUnavailableError, BundleError, InputError
-from .files import file_sha256
+from .files import file_sha256, read_json_with_version
 from .manifest import GraphEntry, TensorSpec
 
 BACKEND = "tensorrt"  # the backend name a manifest uses for TensorRT-specific graph variants
@@ -181,11 +181,7 @@ class Engines:
                 f"bundle {bundle} has no TensorRT engines ({ENGINES_DIR}/{ENGINES_FILE}); build them first "
                 "(vl-export build --backend trt)"
             )
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise BundleError(f"{path} is not valid JSON: {exc}") from None
-        version = data.get("schema_version") if isinstance(data, dict) else None
+        data, version = read_json_with_version(path)
         if version != SCHEMA_VERSION:
             raise BundleError(f"{path} has schema version {version}; this vl-export reads version {SCHEMA_VERSION}; "
                               f"{REBUILD}")

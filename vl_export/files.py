@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import VlExportError
+from .errors import BundleError, VlExportError
 
 Progress = Callable[[str], None]
 
@@ -62,3 +62,16 @@ def file_sha256(path: Path) -> str:
         while chunk := stream.read(1 << 24):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def read_json_with_version(path: Path) -> tuple[dict, object]:
+    """A bundle's JSON file and its schema_version; invalid JSON is a BundleError naming the file."""
+    import json
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise BundleError(f"{path} is not a JSON object")
+    return data, data.get("schema_version")

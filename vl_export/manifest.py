@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import BundleError
+from .files import read_json_with_version
 from .spec import ModelSpec
 
 SCHEMA_VERSION = 1
@@ -126,11 +127,7 @@ class Manifest:
             raise BundleError(f"bundle {bundle} not found: no such directory")
         if not path.is_file():
             raise BundleError(f"{bundle} is not a vl-export bundle: it has no {MANIFEST}")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise BundleError(f"{path} is not valid JSON: {exc}") from None
-        version = data.get("schema_version") if isinstance(data, dict) else None
+        data, version = read_json_with_version(path)
         if version != SCHEMA_VERSION:
             raise BundleError(
                 f"bundle schema version {version} is not supported by this vl-export (it reads version "
