@@ -34,7 +34,8 @@ def default_images() -> list[Image.Image]:
     rng = np.random.default_rng(2025)
     images = []
     font = ImageFont.load_default()
-    for i, (w, h) in enumerate([(1344, 896), (896, 1344), (448, 448), (1600, 500), (1024, 768), (700, 1400)]):
+    # 7 + 3 + 1 + 4 + 3 + 3 tiles: 2x3 and 3x2 photos, a square, a panorama, a portrait; thumbnails included.
+    for i, (w, h) in enumerate([(1344, 896), (448, 896), (448, 448), (1600, 500), (896, 448), (700, 1400)]):
         background = tuple(int(v) for v in rng.integers(150, 256, 3))
         image = Image.new("RGB", (w, h), background)
         draw = ImageDraw.Draw(image)
@@ -46,7 +47,7 @@ def default_images() -> list[Image.Image]:
             [draw.ellipse, draw.rectangle][int(rng.integers(0, 2))](box, fill=colour)
         draw.text((w // 10, h // 10), f"Sample {i}: 7 cats, 3 dogs", fill=(0, 0, 0), font=font)
         images.append(image)
-    images.append(Image.fromarray(rng.integers(0, 256, (640, 480, 3), dtype=np.uint8)))
+    images.append(Image.fromarray(rng.integers(0, 256, (448, 448, 3), dtype=np.uint8)))  # texture, one tile
     return images
 
 
@@ -94,12 +95,12 @@ class CalibrationSet:
         """Each image's tiles as at run time (thumbnails included): [(tiles, 3, 448, 448)]."""
         return [pipe.prepare("", images=[image]).pixel_values for image in self.images]
 
-    def vision_feeds(self, pipe: Pipeline, tiles_per_feed: int = 4) -> Iterator[dict[str, np.ndarray]]:
+    def vision_feeds(self, pipe: Pipeline, tiles_per_feed: int = 1) -> Iterator[dict[str, np.ndarray]]:
         for pixels in self.pixel_values(pipe):
             for start in range(0, len(pixels), tiles_per_feed):
                 yield {"pixel_values": pixels[start : start + tiles_per_feed]}
 
-    def projector_feeds(self, pipe: Pipeline, tiles_per_feed: int = 4) -> Iterator[dict[str, np.ndarray]]:
+    def projector_feeds(self, pipe: Pipeline, tiles_per_feed: int = 1) -> Iterator[dict[str, np.ndarray]]:
         for feed in self.vision_feeds(pipe, tiles_per_feed):
             yield {"vision_features": pipe.vision.run(feed)["vision_features"]}
 

@@ -55,32 +55,67 @@ def _quiet():
     logging.getLogger().setLevel(logging.ERROR)
 
 
+def calibrate(src: Path, feeds: Feeds, method: str, cache: Path, op_types: tuple[str, ...]) -> None:
+    """Activation ranges of `src` over `feeds`, written to `cache` in ONNX Runtime's calibration-cache format.
+
+    Drives ONNX Runtime's calibrator one feed at a time: its histogram calibrators otherwise hold every
+    intermediate tensor of every feed (16 GB for 24 tiles of InternViT-300M), and its CalibMaxIntermediateOutputs
+    option discards the batches it should merge (onnxruntime 1.32).
+    """
+    import tempfile
+
+    from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
+
+    with tempfile.TemporaryDirectory(prefix="vl-export-calib-") as tmp:
+        calibrator = create_calibrator(
+            src, list(op_types), augmented_model_path=str(Path(tmp) / "augmented.onnx"),
+            calibrate_method=_ort_method(method), use_external_data_format=_big(src),
+            providers=["CPUExecutionProvider"],
+            extra_options={"symmetric": True, "percentile": 99.999},  # TensorRT wants symmetric ranges
+        )
+        seen = 0
+        for feed in feeds():
+            calibrator.collect_data(_Reader(lambda feed=feed: [feed]))
+            seen += 1
+        if not seen:
+            raise InputError("the calibration data produced no inputs")
+        save_tensors_data(calibrator.compute_data(), cache)
+        del calibrator
+
+
 def w8a8(src: Path, dst: Path, feeds: Feeds, method: str, cache: Path | None,
-         op_types: tuple[str, ...] = ("MatMul", "Gemm", "Conv"), weights_only_matmuls: bool = True) -> None:
+         op_types: tuple[str, ...] = ("MatMul", "Gemm", "Conv"), weights_only_matmuls: bool = True) -> bool:
     """Static W8A8: symmetric int8 activations (calibrated) and symmetric per-channel int8 weights, as Q/DQ.
 
     `weights_only_matmuls` leaves the attention matmuls (both inputs activations) in float: only layers with
-    weights are quantized, LayerNorm, Softmax and GELU stay in float because they are not in `op_types`.
+    weights are quantized; LayerNorm, Softmax and GELU stay in float because they are not in `op_types`.
+    Returns True when the ranges came from `cache` instead of a calibration run.
     """
+    import tempfile
+
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
     _quiet()
-    excluded = activation_matmuls(src) if weights_only_matmuls else []
-    options = {
-        "ActivationSymmetric": True,  # TensorRT requires symmetric (zero-point 0) int8
-        "WeightSymmetric": True,
-        # Q/DQ on the inputs of quantized layers only, as TensorRT's placement guide asks: their outputs feed the
-        # bias add and the residual sum in float.
-        "OpTypesToExcludeOutputQuantization": list(op_types),
-        "CalibMaxIntermediateOutputs": 2,  # merge statistics as it goes: a ViT's activations do not fit in memory
-        "CalibPercentile": 99.999,
-    }
-    quantize_static(
-        str(src), str(dst), _Reader(feeds) if cache is None or not cache.is_file() else None,
-        quant_format=QuantFormat.QDQ, per_channel=True, weight_type=QuantType.QInt8, activation_type=QuantType.QInt8,
-        calibrate_method=_ort_method(method), op_types_to_quantize=list(op_types), nodes_to_exclude=excluded,
-        use_external_data_format=_big(src), calibration_cache_path=cache, extra_options=options,
-    )
+    with tempfile.TemporaryDirectory(prefix="vl-export-calib-") as tmp:
+        ranges = cache if cache is not None else Path(tmp) / "ranges.json"
+        reused = ranges.is_file()
+        if not reused:
+            calibrate(src, feeds, method, ranges, op_types)
+        quantize_static(
+            str(src), str(dst), None,
+            quant_format=QuantFormat.QDQ, per_channel=True, weight_type=QuantType.QInt8,
+            activation_type=QuantType.QInt8, calibrate_method=_ort_method(method), op_types_to_quantize=list(op_types),
+            nodes_to_exclude=activation_matmuls(src) if weights_only_matmuls else [],
+            use_external_data_format=_big(src), calibration_cache_path=ranges,
+            extra_options={
+                "ActivationSymmetric": True,  # TensorRT requires symmetric (zero-point 0) int8
+                "WeightSymmetric": True,
+                # Q/DQ on the inputs of quantized layers only, as TensorRT's placement guide asks: their outputs
+                # feed the bias add and the residual sum in float.
+                "OpTypesToExcludeOutputQuantization": list(op_types),
+            },
+        )
+    return reused
 
 
 def activation_matmuls(path: Path) -> list[str]:

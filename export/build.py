@@ -62,7 +62,10 @@ def build_bundle(model: str, out: Path, config: BuildConfig = BuildConfig(), pro
         graph_precision = "fp16" if config.precision == "fp16" else "fp32"
         manifest = write_bundle(ck, staging, graph_precision, progress, embed_precision=config.precision)
         if calibration is not None:
-            manifest = quantize_bundle(staging, manifest, ck.sha256, calibration, config, progress)
+            path, sha = ck.path, ck.sha256
+            del ck  # calibration runs the fp32 graphs of a large model: give the torch copy's memory back
+            manifest = quantize_bundle(staging, manifest, sha, calibration, config, progress)
+            ck = load_checkpoint(str(path), progress) if config.verify else None
         if config.backend == "tensorrt":
             from .trt_build import build_engines
 
@@ -100,31 +103,32 @@ def quantize_bundle(staging: Path, manifest: Manifest, source_sha: str, data, co
     from vl_export.export.random_model import cache_root
     from vl_export.runtime import Pipeline
 
-    pipe = Pipeline.from_bundle(staging)  # the fp32 graphs produce the later graphs' calibration inputs
+    pipe = Pipeline.from_bundle(staging, lazy=True)  # the fp32 graphs produce the later graphs' calibration inputs
     method = config.calib_method
     data_sha = data.sha256()
     cache_dir = cache_root() / "calibration"
     cache_dir.mkdir(parents=True, exist_ok=True)
     reused = []
 
-    def cache_for(role: str) -> Path:
-        path = cache_dir / f"{source_sha[:16]}-{role}-{method}-{data_sha[:16]}.json"
-        if path.is_file():
-            reused.append(role)
-        return path
+    def calibrated(role: str, feeds):
+        cache = cache_dir / f"{source_sha[:16]}-{role}-{method}-{data_sha[:16]}.json"
+
+        def make(src: Path, dst: Path) -> None:
+            if quantize.w8a8(src, dst, feeds, method, cache):
+                reused.append(role)
+
+        return make
 
     fp32 = {role: manifest.graph(role) for role in ROLES}
     plan: list[tuple[str, str, str, tuple[str, ...] | None, object]] = [
         ("vision_encoder", "vision_encoder.int8.onnx", f"w8a8-{method}", None,
-         lambda src, dst: quantize.w8a8(src, dst, lambda: data.vision_feeds(pipe), method, cache_for("vision_encoder"))),
-        ("projector", "projector.int8.onnx", f"w8a8-{method}", None,
-         lambda src, dst: quantize.w8a8(src, dst, lambda: data.projector_feeds(pipe), method, cache_for("projector"))),
+         calibrated("vision_encoder", lambda: data.vision_feeds(pipe))),
+        ("projector", "projector.int8.onnx", f"w8a8-{method}", None, calibrated("projector", lambda: data.projector_feeds(pipe))),
     ]
     if config.decoder_recipe == "weight-only":
         plan.append(("decoder", "decoder.int8.onnx", "weight-only-int8", None, quantize.weight_only_int8))
     else:
-        plan.append(("decoder", "decoder.int8.onnx", f"w8a8-{method}", None,
-                     lambda src, dst: quantize.w8a8(src, dst, lambda: data.decoder_feeds(pipe), method, cache_for("decoder"))))
+        plan.append(("decoder", "decoder.int8.onnx", f"w8a8-{method}", None, calibrated("decoder", lambda: data.decoder_feeds(pipe))))
     if config.backend == "onnxruntime":
         # ONNX Runtime's CPU kernels run Q/DQ matmuls slowly; its own dynamic INT8 is the fast form there.
         plan.append(("vision_encoder", "vision_encoder.ort-int8.onnx", "dynamic-int8", ("onnxruntime",), quantize.dynamic_int8))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ from vl_export.manifest import Manifest
 
 from . import prompt as prompts
 from .backends import open_backend
-from .backends.base import Backend
+from .backends.base import Backend, DecoderSession, GraphSession
 from .generate import Generated, generate, generate_steps
 from .preprocess import ImageInput, TilingConfig, preprocess_images, preprocess_video
 from .sampling import GenerationConfig
@@ -93,25 +94,40 @@ class Stream:
 
 
 class Pipeline:
-    def __init__(self, bundle: Path, manifest: Manifest, backend: Backend, max_tiles_per_run: int = 8):
+    def __init__(self, bundle: Path, manifest: Manifest, backend: Backend, max_tiles_per_run: int = 8, lazy: bool = False):
         self.bundle = bundle
         self.manifest = manifest
         self.backend = backend
         self.max_tiles_per_run = max_tiles_per_run
         self.tokenizer = TextTokenizer(bundle / manifest.tokenizer, manifest.special_tokens)
         self.embed_table = np.load(bundle / manifest.embed_tokens["file"], mmap_mode="r")  # (vocab, hidden)
-        self.vision = backend.open_graph(bundle, manifest.graph("vision_encoder", backend.name))
-        self.projector = backend.open_graph(bundle, manifest.graph("projector", backend.name))
-        self.decoder = backend.open_decoder(bundle, manifest.graph("decoder", backend.name))
         pre = manifest.preprocessing
         self.tiling = TilingConfig(pre.image_size, pre.min_tiles, pre.max_tiles, pre.use_thumbnail, pre.mean, pre.std)
+        if not lazy:  # load every graph now, so the first request pays no session start-up
+            self.vision, self.projector, self.decoder  # noqa: B018
 
     @classmethod
-    def from_bundle(cls, path: str | Path, backend: str = "onnxruntime", max_tiles_per_run: int = 8, **backend_options) -> Pipeline:
-        """Load a bundle. backend: onnxruntime (ort), openvino (ov) or tensorrt (trt); options go to it (threads=, device=)."""
+    def from_bundle(cls, path: str | Path, backend: str = "onnxruntime", max_tiles_per_run: int = 8, lazy: bool = False,
+                    **backend_options) -> Pipeline:
+        """Load a bundle. backend: onnxruntime (ort), openvino (ov) or tensorrt (trt); options go to it (threads=, device=).
+
+        lazy: open each graph on first use (calibration, for one, never needs the decoder of a vision-only pass).
+        """
         path = Path(path)
         manifest = Manifest.load(path)
-        return cls(path, manifest, open_backend(backend, path, manifest, **backend_options), max_tiles_per_run)
+        return cls(path, manifest, open_backend(backend, path, manifest, **backend_options), max_tiles_per_run, lazy)
+
+    @cached_property
+    def vision(self) -> GraphSession:
+        return self.backend.open_graph(self.bundle, self.manifest.graph("vision_encoder", self.backend.name))
+
+    @cached_property
+    def projector(self) -> GraphSession:
+        return self.backend.open_graph(self.bundle, self.manifest.graph("projector", self.backend.name))
+
+    @cached_property
+    def decoder(self) -> DecoderSession:
+        return self.backend.open_decoder(self.bundle, self.manifest.graph("decoder", self.backend.name))
 
     # --- stages --------------------------------------------------------------------------------------------
 
