@@ -154,6 +154,21 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+@command("serve")
+def _serve(args: argparse.Namespace) -> int:
+    from vl_export.runtime.openai_schema import Limits
+    from vl_export.runtime.server import ServerConfig, run_server
+
+    limits = Limits(max_body_bytes=args.max_body_bytes, max_image_bytes=args.max_image_bytes,
+                    max_image_pixels=args.max_image_pixels, max_images=args.max_images, max_tiles=args.max_tiles,
+                    max_tokens=args.max_tokens)
+    config = ServerConfig(model_id=args.model_name or Path(args.bundle).resolve().name, host=args.host, port=args.port,
+                          allow_local_files=args.allow_local_files, max_queue=args.max_queue, timeout_s=args.timeout,
+                          limits=limits)
+    run_server([_pipeline(args) for _ in range(args.workers)], config)
+    return 0
+
+
 def _runtime_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bundle", required=True, help="bundle directory")
     p.add_argument("--backend", default="onnxruntime", help="onnxruntime (ort), openvino (ov) or tensorrt (trt)")
@@ -237,6 +252,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chat", help="interactive multi-round chat; /image PATH attaches an image")
     _runtime_arguments(p)
     _generation_arguments(p)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible chat-completions server (greedy unless the request sets "
+                                     "temperature, top_p or top_k; needs the serve extra)")
+    _runtime_arguments(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--model-name", default=None, help="model id clients send (default: the bundle directory's name)")
+    p.add_argument("--workers", type=int, default=1, help="pipelines decoding in parallel, each with its own sessions")
+    p.add_argument("--max-queue", type=int, default=16, help="requests waiting beyond the running ones; more get 429")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds per request, queueing included; then 504")
+    p.add_argument("--allow-local-files", action="store_true", help="accept image paths and file:// URLs on this machine")
+    p.add_argument("--max-tokens", type=int, default=2048, help="most new tokens a request may ask for (and the default)")
+    p.add_argument("--max-tiles", type=int, default=None, help="most tiles per image (default: the bundle's, 12)")
+    p.add_argument("--max-images", type=int, default=16, help="most images per request, all turns together")
+    p.add_argument("--max-image-bytes", type=int, default=20 * 1024 * 1024)
+    p.add_argument("--max-image-pixels", type=int, default=64_000_000)
+    p.add_argument("--max-body-bytes", type=int, default=64 * 1024 * 1024)
     return parser
 
 
