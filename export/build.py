@@ -4,6 +4,7 @@ the backend, verify against PyTorch, and leave one bundle the runtime can load."
 from __future__ import annotations
 
 import dataclasses
+import gc
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -120,28 +121,33 @@ def quantize_bundle(staging: Path, manifest: Manifest, source_sha: str, data, co
         return make
 
     fp32 = {role: manifest.graph(role) for role in ROLES}
-    plan: list[tuple[str, str, str, tuple[str, ...] | None, object]] = [
+    # (role, file, recipe, backends, how); the calibrated steps come first, so the fp32 sessions can go after them.
+    calibrated_steps = [
         ("vision_encoder", "vision_encoder.int8.onnx", f"w8a8-{method}", None,
          calibrated("vision_encoder", lambda: data.vision_feeds(pipe))),
         ("projector", "projector.int8.onnx", f"w8a8-{method}", None, calibrated("projector", lambda: data.projector_feeds(pipe))),
     ]
+    other_steps = []
     if config.decoder_recipe == "weight-only":
-        plan.append(("decoder", "decoder.int8.onnx", "weight-only-int8", None, quantize.weight_only_int8))
+        other_steps.append(("decoder", "decoder.int8.onnx", "weight-only-int8", None, quantize.weight_only_int8))
     else:
-        plan.append(("decoder", "decoder.int8.onnx", f"w8a8-{method}", None, calibrated("decoder", lambda: data.decoder_feeds(pipe))))
+        calibrated_steps.append(("decoder", "decoder.int8.onnx", f"w8a8-{method}", None,
+                                 calibrated("decoder", lambda: data.decoder_feeds(pipe))))
     if config.backend == "onnxruntime":
         # ONNX Runtime's CPU kernels run Q/DQ matmuls slowly; its own dynamic INT8 is the fast form there.
-        plan.append(("vision_encoder", "vision_encoder.ort-int8.onnx", "dynamic-int8", ("onnxruntime",), quantize.dynamic_int8))
-        plan.append(("decoder", "decoder.ort-int8.onnx", "dynamic-int8", ("onnxruntime",), quantize.dynamic_int8))
+        other_steps.append(("vision_encoder", "vision_encoder.ort-int8.onnx", "dynamic-int8", ("onnxruntime",), quantize.dynamic_int8))
+        other_steps.append(("decoder", "decoder.ort-int8.onnx", "dynamic-int8", ("onnxruntime",), quantize.dynamic_int8))
 
     graphs: list[GraphEntry] = []
-    for role, file, recipe, backends, make in plan:
+    for i, (role, file, recipe, backends, make) in enumerate(calibrated_steps + other_steps):
+        if i == len(calibrated_steps):
+            pipe = None  # the fp32 sessions' memory goes back before the large ORT-only passes
+            gc.collect()
         for_whom = ", ".join(backends) if backends else "any backend"
         with step(progress, f"quantizing {role} ({recipe}, for {for_whom})"):
             make(staging / fp32[role].file, staging / file)
         graphs.append(dataclasses.replace(fp32[role], file=file, precision="int8", recipe=recipe, backends=backends,
                                           sha256=file_sha256(staging / file)))
-    del pipe
     for entry in fp32.values():
         for path in staging.glob(entry.file + "*"):
             path.unlink()
