@@ -14,7 +14,7 @@ from vl_export.errors import InputError
 from vl_export.manifest import Manifest
 
 from . import prompt as prompts
-from .backends import open_backend
+from .backends import open_backends
 from .backends.base import Backend, DecoderSession, GraphSession
 from .generate import Generated, generate, generate_steps
 from .preprocess import ImageInput, TilingConfig, preprocess_images, preprocess_video
@@ -94,10 +94,12 @@ class Stream:
 
 
 class Pipeline:
-    def __init__(self, bundle: Path, manifest: Manifest, backend: Backend, max_tiles_per_run: int = 8, lazy: bool = False):
+    def __init__(self, bundle: Path, manifest: Manifest, backends: dict[str, Backend], max_tiles_per_run: int = 8,
+                 lazy: bool = False):
         self.bundle = bundle
         self.manifest = manifest
-        self.backend = backend
+        self.backends = backends  # role -> backend; one backend for all graphs unless a per-graph spec asked otherwise
+        self.backend = BackendSet(backends)
         self.max_tiles_per_run = max_tiles_per_run
         self.tokenizer = TextTokenizer(bundle / manifest.tokenizer, manifest.special_tokens)
         self.embed_table = np.load(bundle / manifest.embed_tokens["file"], mmap_mode="r")  # (vocab, hidden)
@@ -109,25 +111,34 @@ class Pipeline:
     @classmethod
     def from_bundle(cls, path: str | Path, backend: str = "onnxruntime", max_tiles_per_run: int = 8, lazy: bool = False,
                     **backend_options) -> Pipeline:
-        """Load a bundle. backend: onnxruntime (ort), openvino (ov) or tensorrt (trt); options go to it (threads=, device=).
+        """Load a bundle. backend: onnxruntime (ort), openvino (ov) or tensorrt (trt), or one per graph, e.g.
+        `vision=openvino,decoder=onnxruntime` (each graph where it runs fastest); options go to the backends that
+        take them (threads=, device=, ...).
 
         lazy: open each graph on first use (calibration, for one, never needs the decoder of a vision-only pass).
         """
         path = Path(path)
         manifest = Manifest.load(path)
-        return cls(path, manifest, open_backend(backend, path, manifest, **backend_options), max_tiles_per_run, lazy)
+        return cls(path, manifest, open_backends(backend, path, manifest, **backend_options), max_tiles_per_run, lazy)
+
+    def _graph(self, role: str):
+        backend = self.backends[role]
+        return backend, self.manifest.graph(role, backend.name)
 
     @cached_property
     def vision(self) -> GraphSession:
-        return self.backend.open_graph(self.bundle, self.manifest.graph("vision_encoder", self.backend.name))
+        backend, entry = self._graph("vision_encoder")
+        return backend.open_graph(self.bundle, entry)
 
     @cached_property
     def projector(self) -> GraphSession:
-        return self.backend.open_graph(self.bundle, self.manifest.graph("projector", self.backend.name))
+        backend, entry = self._graph("projector")
+        return backend.open_graph(self.bundle, entry)
 
     @cached_property
     def decoder(self) -> DecoderSession:
-        return self.backend.open_decoder(self.bundle, self.manifest.graph("decoder", self.backend.name))
+        backend, entry = self._graph("decoder")
+        return backend.open_decoder(self.bundle, entry)
 
     # --- stages --------------------------------------------------------------------------------------------
 
@@ -269,6 +280,21 @@ class Pipeline:
             text = prompts.clean_response(self.tokenizer.decode(generated.token_ids[row]))
             results.append(ChatResult(text, generated.token_ids[row], [(r.question, text)], generated.finish_reasons[row], timings))
         return results
+
+
+class BackendSet:
+    """What ran, for results and reports: the one backend, or each graph's."""
+
+    def __init__(self, backends: dict[str, Backend]):
+        self.backends = backends
+        names = {b.name for b in backends.values()}
+        self.name = names.pop() if len(names) == 1 else ",".join(f"{r}={b.name}" for r, b in backends.items())
+
+    def describe(self) -> dict:
+        unique = {id(b): b for b in self.backends.values()}
+        if len(unique) == 1:
+            return next(iter(unique.values())).describe()
+        return {"backend": self.name, "graphs": {role: b.describe() for role, b in self.backends.items()}}
 
 
 def _as_list(images: Images) -> list[ImageInput]:

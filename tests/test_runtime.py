@@ -261,3 +261,19 @@ def test_runtime_imports_neither_torch_nor_transformers(bundle_fp32):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "4 []"
+
+
+def test_each_graph_can_run_on_its_own_backend(pipe, bundle_fp32, tmp_path):
+    """vision on OpenVINO (f32), the decoder on ONNX Runtime: the same greedy tokens as all on ONNX Runtime."""
+    pytest.importorskip("openvino")
+    mixed = Pipeline.from_bundle(bundle_fp32, backend="vision=openvino,decoder=onnxruntime", precision="f32",
+                                 threads=2, cache_dir=str(tmp_path / "ov"))
+    assert mixed.backend.name == "vision_encoder=openvino,projector=openvino,decoder=onnxruntime"
+    assert {r: b.name for r, b in mixed.backends.items()} == {
+        "vision_encoder": "openvino", "projector": "openvino", "decoder": "onnxruntime"}
+    picture = image(900, 450, 30)
+    config = GenerationConfig(max_new_tokens=NEW_TOKENS)
+    assert mixed.chat("Describe.", images=picture, generation=config).token_ids == \
+        pipe.chat("Describe.", images=picture, generation=config).token_ids
+    with pytest.raises(Exception, match="no chosen backend takes the option 'precision'"):
+        Pipeline.from_bundle(bundle_fp32, precision="f32")

@@ -171,7 +171,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _runtime_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bundle", required=True, help="bundle directory")
-    p.add_argument("--backend", default="onnxruntime", help="onnxruntime (ort), openvino (ov) or tensorrt (trt)")
+    p.add_argument("--backend", default="onnxruntime",
+                   help="onnxruntime (ort), openvino (ov) or tensorrt (trt); or per graph, e.g. vision=openvino,decoder=onnxruntime")
     p.add_argument("--device", default=None, help="backend device, e.g. cpu or cuda for onnxruntime")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the backend")
 
