@@ -138,6 +138,18 @@ def dynamic_int8(src: Path, dst: Path, op_types: tuple[str, ...] = ("MatMul", "G
                      extra_options={"MatMulConstBOnly": True})
 
 
+def fused_dynamic_int8(src: Path, dst: Path) -> None:
+    """The ONNX Runtime vision variant: attention and GELU fused into ORT's kernels, then dynamic INT8."""
+    import tempfile
+
+    from .ort_fusions import fuse_for_onnxruntime
+
+    with tempfile.TemporaryDirectory(prefix="vl-export-fuse-") as tmp:
+        fused = Path(tmp) / src.name
+        fuse_for_onnxruntime(src, fused)
+        dynamic_int8(fused, dst)
+
+
 def weight_only_int8(src: Path, dst: Path) -> int:
     """Every MatMul whose B is a 2-D float weight gets int8 weights (symmetric, per output column) and a
     DequantizeLinear in front; activations stay float. Returns the number of weights quantized."""

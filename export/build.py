@@ -135,7 +135,8 @@ def quantize_bundle(staging: Path, manifest: Manifest, source_sha: str, data, co
                                  calibrated("decoder", lambda: data.decoder_feeds(pipe))))
     if config.backend == "onnxruntime":
         # ONNX Runtime's CPU kernels run Q/DQ matmuls slowly; its own dynamic INT8 is the fast form there.
-        other_steps.append(("vision_encoder", "vision_encoder.ort-int8.onnx", "dynamic-int8", ("onnxruntime",), quantize.dynamic_int8))
+        other_steps.append(("vision_encoder", "vision_encoder.ort-int8.onnx", "fused-dynamic-int8", ("onnxruntime",),
+                            quantize.fused_dynamic_int8))
         other_steps.append(("decoder", "decoder.ort-int8.onnx", "dynamic-int8", ("onnxruntime",), quantize.dynamic_int8))
 
     graphs: list[GraphEntry] = []

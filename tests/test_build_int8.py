@@ -42,7 +42,7 @@ def test_int8_bundle_verifies_and_records_its_numbers(bundle_int8):
     assert c["method"] == "minmax" and c["decoder_recipe"] == "weight-only" and len(c["data_sha256"]) == 64
     assert {(g.role, g.recipe, g.backends) for g in manifest.graphs} == {
         ("vision_encoder", "w8a8-minmax", None), ("projector", "w8a8-minmax", None),
-        ("decoder", "weight-only-int8", None), ("vision_encoder", "dynamic-int8", ("onnxruntime",)),
+        ("decoder", "weight-only-int8", None), ("vision_encoder", "fused-dynamic-int8", ("onnxruntime",)),
         ("decoder", "dynamic-int8", ("onnxruntime",)),
     }
     assert not (bundle_int8 / "vision_encoder.onnx").exists()  # the fp32 graphs are not shipped
@@ -96,6 +96,7 @@ def test_qdq_nodes_sit_exactly_where_the_recipe_says(bundle_int8, tiny):
 
     ort_vision = [n.op_type for n in onnx.load(str(bundle_int8 / "vision_encoder.ort-int8.onnx")).graph.node]
     assert ort_vision.count("MatMulInteger") == 6 * layers and "QuantizeLinear" not in ort_vision
+    assert ort_vision.count("MultiHeadAttention") == layers and ort_vision.count("Gelu") == layers  # fused for ORT
 
 
 def test_rebuild_on_the_same_data_reuses_the_calibration_cache(tiny, tmp_path):
@@ -127,3 +128,17 @@ def test_bad_build_input_is_one_line_and_leaves_nothing(capsys, tiny, tmp_path, 
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err[-1].startswith("vl-export: error:") and message in err[-1]
     assert not (tmp_path / "bundle").exists()
+
+
+def test_ort_fusions_keep_the_vision_encoder_exact(bundle_fp32, tmp_path, tiny):
+    import onnxruntime as ort
+
+    from vl_export.calibration.ort_fusions import fuse_for_onnxruntime
+
+    counts = fuse_for_onnxruntime(bundle_fp32 / "vision_encoder.onnx", tmp_path / "fused.onnx")
+    layers = tiny["spec"].vision.num_layers
+    assert counts == {"MultiHeadAttention": layers, "Gelu": layers}
+    px = np.random.default_rng(0).standard_normal((2, 3, 448, 448)).astype(np.float32)
+    want = ort.InferenceSession(str(bundle_fp32 / "vision_encoder.onnx")).run(None, {"pixel_values": px})[0]
+    got = ort.InferenceSession(str(tmp_path / "fused.onnx")).run(None, {"pixel_values": px})[0]
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
