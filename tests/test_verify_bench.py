@@ -74,17 +74,18 @@ def test_bench_reports_every_figure_and_ratios(tiny, bundle_fp32, tmp_path):
                  "--new-tokens", "8", "--runs", "1", "--threads", "1", "--json", str(out)])
     assert code == 0
     report = json.loads(out.read_text())
-    for side in ("ours", "pytorch"):
-        figures = report[side]
+    assert len(report["ours"]) == 1 and report["ours"][0]["bundle"] == str(bundle_fp32)
+    for figures in (report["ours"][0], report["pytorch"]):
         for key in ("vision_ms_per_tile", "projector_ms_per_tile", "decode_tokens_per_s"):
             assert figures[key]["median"] > 0 and figures[key]["min"] <= figures[key]["median"] <= figures[key]["max"]
         assert set(figures["ttft_ms"]) == {"1", "3"} and all(v["median"] > 0 for v in figures["ttft_ms"].values())
         assert figures["peak_rss_mib"] > 0 and figures["model_bytes"] > 0
         assert figures["prompt_tokens"]["3"] == figures["prompt_tokens"]["1"] + 2 * 256  # two more tiles
-    assert report["ours"]["prompt_tokens"] == report["pytorch"]["prompt_tokens"]
-    r = report["ratios"]
+    ours = report["ours"][0]
+    assert ours["prompt_tokens"] == report["pytorch"]["prompt_tokens"]
+    r = report["ratios"][0]
     assert r["vision_speedup"] == pytest.approx(
-        report["pytorch"]["vision_ms_per_tile"]["median"] / report["ours"]["vision_ms_per_tile"]["median"])
+        report["pytorch"]["vision_ms_per_tile"]["median"] / ours["vision_ms_per_tile"]["median"])
     assert r["decode_speedup"] == pytest.approx(
-        report["ours"]["decode_tokens_per_s"]["median"] / report["pytorch"]["decode_tokens_per_s"]["median"])
+        ours["decode_tokens_per_s"]["median"] / report["pytorch"]["decode_tokens_per_s"]["median"])
     assert {"ttft_speedup_1_tiles", "ttft_speedup_3_tiles", "peak_rss_ratio", "projector_speedup"} <= set(r)

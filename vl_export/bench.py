@@ -47,17 +47,27 @@ def ratios(ours: dict, ref: dict) -> dict:
     return out
 
 
-def run_bench(bundle: Path, reference: str | None = None, tiles: str = "1,7,13", new_tokens: int = 64, runs: int = 3,
-              backend: str = "onnxruntime", threads: int | None = None, backend_options: list[str] | None = None) -> dict:
+def run_bench(bundles: list[Path] | Path, reference: str | None = None, tiles: str = "1,7,13", new_tokens: int = 64,
+              runs: int = 3, backends: list[str] | str = "onnxruntime", threads: int | None = None,
+              backend_options: list[str] | None = None) -> dict:
+    """Time each (bundle, backend) and, with `reference`, PyTorch eager, one process each, in this one run."""
+    bundles = [bundles] if isinstance(bundles, (str, Path)) else list(bundles)
+    backends = [backends] if isinstance(backends, str) else list(backends)
+    if len(backends) == 1:
+        backends *= len(bundles)
+    if len(backends) != len(bundles):
+        raise VlExportError(f"{len(bundles)} bundles but {len(backends)} backends: give one, or one per bundle")
     common = ["--tiles", tiles, "--new-tokens", str(new_tokens), "--runs", str(runs)]
     if threads:
         common += ["--threads", str(threads)]
     extra = [a for option in backend_options or [] for a in ("--option", option)]
-    report = {"machine": machine(), "bundle": str(bundle),
-              "ours": _run_side("vl_export.runtime.bench", ["--bundle", str(bundle), "--backend", backend, *common, *extra])}
+    report = {"machine": machine(), "ours": []}
+    for bundle, backend in zip(bundles, backends):
+        side = _run_side("vl_export.runtime.bench", ["--bundle", str(bundle), "--backend", backend, *common, *extra])
+        report["ours"].append({"bundle": str(bundle), **side})
     if reference:
         report["pytorch"] = _run_side("vl_export.export.reference_bench", ["--model", reference, *common])
-        report["ratios"] = ratios(report["ours"], report["pytorch"])
+        report["ratios"] = [ratios(ours, report["pytorch"]) for ours in report["ours"]]
     return report
 
 
@@ -65,35 +75,39 @@ def _fmt(stat: dict, unit: str = "") -> str:
     return f"{stat['median']:.1f}{unit} ({stat['min']:.1f}–{stat['max']:.1f})"
 
 
+def _name(ours: dict) -> str:
+    precision = "/".join(sorted(set(ours["precision"].values())))
+    return f"{Path(ours['bundle']).name}: {ours['backend']['backend']} {precision}"
+
+
 def markdown(report: dict) -> str:
-    ours, ref, r = report["ours"], report.get("pytorch"), report.get("ratios", {})
-    name = f"{ours['backend']['backend']} ({'/'.join(sorted(set(ours['precision'].values())))})"
-    head = f"| metric | {name} |" + (" PyTorch eager fp32 | ratio |" if ref else "")
-    rule = "| --- | --- |" + (" --- | --- |" if ref else "")
-    rows = [head, rule]
+    """One column per bundle run (its ratio to PyTorch beside each figure), then PyTorch."""
+    runs, ref = report["ours"], report.get("pytorch")
+    ratio_sets = report.get("ratios") or [{} for _ in runs]
+    head = "| metric | " + " | ".join(_name(o) for o in runs) + " |" + (" PyTorch eager fp32 |" if ref else "")
+    rows = [head, "| --- |" + " --- |" * (len(runs) + (1 if ref else 0))]
 
-    def row(label, key, ratio_key=None, unit=" ms"):
-        cells = f"| {label} | {_fmt(ours[key], unit)} |"
+    def row(label: str, cell, ratio_key: str | None, ref_cell=None):
+        cells = []
+        for ours, r in zip(runs, ratio_sets):
+            text = cell(ours)
+            if ref and ratio_key:
+                text += f" **{r[ratio_key]:.2f}×**"
+            cells.append(text)
+        line = f"| {label} | " + " | ".join(cells) + " |"
         if ref:
-            cells += f" {_fmt(ref[key], unit)} | {r[ratio_key]:.2f}× |"
-        rows.append(cells)
+            line += f" {(ref_cell or cell)(ref)} |"
+        rows.append(line)
 
-    row("vision per tile", "vision_ms_per_tile", "vision_speedup")
-    row("projector per tile", "projector_ms_per_tile", "projector_speedup")
-    for tiles in ours["ttft_ms"]:
-        cells = f"| time to first token, {tiles} tiles ({ours['prompt_tokens'][tiles]} tokens) | {_fmt(ours['ttft_ms'][tiles], ' ms')} |"
-        if ref:
-            cells += f" {_fmt(ref['ttft_ms'][tiles], ' ms')} | {r[f'ttft_speedup_{tiles}_tiles']:.2f}× |"
-        rows.append(cells)
-    row(f"decode ({ours['new_tokens']} tokens)", "decode_tokens_per_s", "decode_speedup", " tok/s")
-    cells = f"| peak RSS | {ours['peak_rss_mib']:.0f} MiB |"
-    if ref:
-        cells += f" {ref['peak_rss_mib']:.0f} MiB | {r['peak_rss_ratio']:.2f}× |"
-    rows.append(cells)
-    cells = f"| model bytes | {ours['model_bytes'] / 2**20:.0f} MiB |"
-    if ref:
-        cells += f" {ref['model_bytes'] / 2**20:.0f} MiB | |"
-    rows.append(cells)
+    row("vision per tile", lambda o: _fmt(o["vision_ms_per_tile"], " ms"), "vision_speedup")
+    row("projector per tile", lambda o: _fmt(o["projector_ms_per_tile"], " ms"), "projector_speedup")
+    for tiles in runs[0]["ttft_ms"]:
+        row(f"time to first token, {tiles} tiles ({runs[0]['prompt_tokens'][tiles]} tokens)",
+            lambda o, t=tiles: _fmt(o["ttft_ms"][t], " ms"), f"ttft_speedup_{tiles}_tiles")
+    row(f"decode ({runs[0]['new_tokens']} tokens)", lambda o: _fmt(o["decode_tokens_per_s"], " tok/s"), "decode_speedup")
+    row("peak RSS", lambda o: f"{o['peak_rss_mib']:.0f} MiB", "peak_rss_ratio")
+    row("model bytes", lambda o: f"{o['model_bytes'] / 2**20:.0f} MiB", None)
     m = report["machine"]
-    footer = f"\nMedian (min–max) of each measurement after a warm-up; {m['cpu']}, {m['cores']} cores, {m['date']}."
+    note = " Bold: speed-up over PyTorch (memory: ours / PyTorch)." if ref else ""
+    footer = f"\nMedian (min–max) after a warm-up; {m['cpu']}, {m['cores']} cores, {m['date']}.{note}"
     return "\n".join(rows) + footer

@@ -146,8 +146,8 @@ def _bench(args: argparse.Namespace) -> int:
 
     from vl_export.bench import markdown, run_bench
 
-    report = run_bench(Path(args.bundle), args.reference, args.tiles, args.new_tokens, args.runs, args.backend,
-                       args.threads, args.option)
+    report = run_bench([Path(b) for b in args.bundle], args.reference, args.tiles, args.new_tokens, args.runs,
+                       args.backend or ["onnxruntime"], args.threads, args.option)
     print(markdown(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
@@ -241,8 +241,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", action="append", default=[], help="override a threshold, e.g. logit_cosine=0.999")
     p.add_argument("--json", default=None, help="write every number to this JSON file")
 
-    p = sub.add_parser("bench", help="time a bundle (and PyTorch eager with --reference) on this machine")
-    _runtime_arguments(p)
+    p = sub.add_parser("bench", help="time bundles (and PyTorch eager with --reference) on this machine, in one run")
+    p.add_argument("--bundle", action="append", required=True, help="bundle directory (repeatable)")
+    p.add_argument("--backend", action="append", default=None,
+                   help="backend for all bundles, or one per --bundle (default onnxruntime)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads, for every side")
     p.add_argument("--reference", default=None, help="checkpoint to time PyTorch eager fp32 on, in the same run")
     p.add_argument("--tiles", default="1,7,13", help="tile counts for time to first token (default 1,7,13)")
     p.add_argument("--new-tokens", type=int, default=64, help="tokens to decode for decode speed")
