@@ -1,0 +1,190 @@
+"""OpenVINO sessions compiled from the bundle's ONNX graphs (IR cached by ov_cache), the decoder's KV cache in two
+preallocated numpy buffers per KV tensor.
+
+As in ort.py the two buffers swap roles every step: the infer request reads `past` from one and writes `present`
+straight into the other, both handed to OpenVINO as shared-memory ov.Tensor views, so a step allocates nothing
+and copies the cache only where the graph's own Concat does. Options: device (cpu), threads
+(INFERENCE_NUM_THREADS), precision (`f32` exact, `bf16` fast where the CPU has bf16 instructions), hint
+(PERFORMANCE_HINT, latency by default) and cache_dir (where converted IR goes; "off" for none).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from vl_export.errors import BackendUnavailableError, BundleError
+from vl_export.manifest import GraphEntry
+
+from . import ov_cache
+from .base import Backend, DecoderSession, GraphSession
+from .ov_pages import release_pages
+
+# bf16 by default where the CPU has bf16 instructions, f32 elsewhere. Measured (tests/test_openvino.py, the 1B
+# bundles in /work/bench, AMD EPYC with AVX-512 BF16, no AMX): bf16 keeps cosine >= 0.999 to PyTorch fp32 on vision
+# features, image embeds and prefill logits, and runs the fp32 graphs' matmuls about 2x faster than f32 (the int8
+# ones are int8 either way; bf16 speeds the float parts). f32 is the exact mode, equal to PyTorch within 1e-4.
+PRECISIONS = {"f32": "f32", "fp32": "f32", "bf16": "bf16"}
+CAPABILITY = {"f32": "FP32", "bf16": "BF16"}  # how OPTIMIZATION_CAPABILITIES names them
+DEFAULT_PRECISION = "bf16"
+HINTS = ("latency", "throughput")
+
+
+def _import_ov():
+    try:
+        import openvino
+    except ImportError:
+        raise BackendUnavailableError("the openvino backend needs OpenVINO: pip install 'vl-export[openvino]'") from None
+    return openvino
+
+
+class OpenVinoBackend(Backend):
+    name = "openvino"
+
+    def __init__(self, device: str = "cpu", threads: int | None = None, precision: str | None = None,
+                 hint: str = "latency", cache_dir: str | None = None):
+        ov = _import_ov()
+        core = ov.Core()
+        self.device = _device(core, device)
+        capabilities = set(core.get_property(self.device, "OPTIMIZATION_CAPABILITIES"))
+        self.precision = _precision(precision, capabilities, self.device)
+        if hint.lower() not in HINTS:
+            raise BackendUnavailableError(f"unknown OpenVINO hint {hint!r} (choose from {', '.join(HINTS)})")
+        self.ov, self.core = ov, core
+        self.threads, self.hint, self.cache_request = threads, hint.lower(), cache_dir
+        self.cache_dir: Path | None = None  # decided per bundle at the first open
+
+    def config(self) -> dict:
+        config = {"INFERENCE_PRECISION_HINT": self.precision, "PERFORMANCE_HINT": self.hint.upper()}
+        if self.threads:
+            config["INFERENCE_NUM_THREADS"] = int(self.threads)
+        return config
+
+    def compile(self, bundle: Path, entry: GraphEntry):
+        """(compiled model, the files its weights are mapped from)."""
+        self.cache_dir = ov_cache.choose_dir(Path(bundle), self.cache_request)
+        if not (Path(bundle) / entry.file).is_file():
+            raise BundleError(f"bundle {bundle} is incomplete: {entry.file} is missing")
+        try:
+            model, weight_files = ov_cache.read_model(self.ov, self.core, Path(bundle), entry, self.cache_dir)
+            return self.core.compile_model(model, self.device, self.config()), weight_files
+        except RuntimeError as exc:  # OpenVINO raises RuntimeError (with a long C++ trace) for what it cannot read
+            raise BundleError(f"OpenVINO cannot load {entry.file}: {_first_line(exc)}") from None
+
+    def open_graph(self, bundle: Path, entry: GraphEntry) -> GraphSession:
+        return OvGraph(*self.compile(bundle, entry))
+
+    def open_decoder(self, bundle: Path, entry: GraphEntry) -> DecoderSession:
+        return OvDecoder(*self.compile(bundle, entry), entry, self.ov)
+
+    def describe(self) -> dict:
+        return {"backend": self.name, "device": self.device, "threads": self.threads, "precision": self.precision,
+                "hint": self.hint, "version": self.ov.get_version(),
+                "ir_cache": str(self.cache_dir) if self.cache_dir else None}
+
+
+def _device(core, device: str) -> str:
+    """'cpu' -> 'CPU'; 'gpu' is any GPU.N OpenVINO lists. A device it cannot use is one clear line."""
+    name = str(device).upper()
+    available = list(core.available_devices)
+    if name in available or any(d.split(".")[0] == name for d in available):
+        return name
+    raise BackendUnavailableError(f"OpenVINO cannot use device {device!r} here (available: {', '.join(available) or 'none'})")
+
+
+def _precision(requested: str | None, capabilities: set[str], device: str) -> str:
+    if requested is None:  # the measured default, where the hardware has it
+        return DEFAULT_PRECISION if CAPABILITY[DEFAULT_PRECISION] in capabilities else "f32"
+    key = str(requested).lower()
+    if key not in PRECISIONS:
+        raise BackendUnavailableError(f"unknown OpenVINO precision {requested!r} (choose from f32, bf16)")
+    precision = PRECISIONS[key]
+    if CAPABILITY[precision] not in capabilities:
+        raise BackendUnavailableError(f"OpenVINO's {device} here has no {precision} support (it offers "
+                                      f"{', '.join(sorted(capabilities))}); use precision=f32")
+    return precision
+
+
+def _first_line(exc: Exception) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip() and not line.lstrip().startswith("Exception from")]
+    return lines[0] if lines else type(exc).__name__
+
+
+class OvGraph(GraphSession):
+    def __init__(self, compiled, weight_files: list[Path]):
+        self.compiled = compiled
+        # One request per compiled model, always: the CPU plugin shares a stream's graph memory between requests,
+        # and a second request without our output tensors beside one with them corrupted the heap (OpenVINO 2026.4).
+        self.request = compiled.create_infer_request()
+        self.output_names = [o.get_any_name() for o in compiled.outputs]
+        self.weight_files = weight_files
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        # Inputs are read in place; outputs are copied, because the request reuses their memory on the next call
+        # and the pipeline keeps one run's embeddings while it encodes the next run of tiles.
+        feeds = {name: np.ascontiguousarray(array) for name, array in feeds.items()}
+        out = self.request.infer(feeds, share_inputs=True, share_outputs=False)
+        # Every run, not just the first: a new tile count can pick kernels that pack the weights afresh. It costs
+        # well under a millisecond against seconds of vision encoding.
+        release_pages(self.weight_files)
+        return {name: out[name] for name in self.output_names}
+
+
+class OvDecoder(DecoderSession):
+    def __init__(self, compiled, weight_files: list[Path], entry: GraphEntry, ov):
+        self.compiled = compiled
+        self.request = compiled.create_infer_request()  # the only one (see OvGraph)
+        self.weight_files = weight_files
+        self.packed: set[bool] = set()  # step kinds (prefill or not) run since the mapped weights were released
+        self.Tensor = ov.Tensor
+        self.past_names = [t.name for t in entry.inputs if t.name.startswith("past_key_values.")]
+        self.present_names = [t.name for t in entry.outputs if t.name.startswith("present.")]
+        self.input_dtypes = {t.name: np.dtype(t.dtype) for t in entry.inputs if not t.name.startswith("past_key_values.")}
+        kv = entry.input(self.past_names[0])
+        self.kv_heads, self.head_dim = int(kv.shape[1]), int(kv.shape[3])
+        self.kv_dtype = np.dtype(kv.dtype)
+        self.capacity = 0
+        self.buffers: list[list[np.ndarray]] = [[], []]  # two sets of one flat buffer per past/present tensor
+        self.current = 0
+
+    def reset(self, batch: int, capacity: int) -> None:
+        size = batch * self.kv_heads * capacity * self.head_dim
+        have = self.buffers[0][0].size if self.buffers[0] else 0
+        if size > have:
+            self.buffers = [[np.empty(size, self.kv_dtype) for _ in self.past_names] for _ in range(2)]
+        self.batch, self.past_len, self.current = batch, 0, 0
+        self.packed.clear()  # once per request: a new prompt length may pick kernels that pack weights afresh
+        self.capacity = max(size, have) // (batch * self.kv_heads * self.head_dim)
+
+    def _view(self, flat: np.ndarray, length: int):
+        """The first (b, kv_heads, length, d) elements of a flat buffer, as an ov.Tensor on the same memory."""
+        count = self.batch * self.kv_heads * length * self.head_dim
+        return self.Tensor(flat[:count].reshape(self.batch, self.kv_heads, length, self.head_dim), shared_memory=True)
+
+    def forward(self, inputs_embeds, attention_mask, position_ids, logits_positions) -> np.ndarray:
+        b, s = inputs_embeds.shape[:2]
+        total = self.past_len + s
+        if b != self.batch or total > self.capacity:
+            raise RuntimeError(f"decoder cache holds {self.batch}x{self.capacity}, asked for {b}x{total}")
+        request = self.request
+        for name, array in (("inputs_embeds", inputs_embeds), ("attention_mask", attention_mask),
+                            ("position_ids", position_ids), ("logits_positions", logits_positions)):
+            array = np.ascontiguousarray(array, dtype=self.input_dtypes[name])
+            request.set_tensor(name, self.Tensor(array, shared_memory=True))
+        for past, present, src, dst in zip(self.past_names, self.present_names,
+                                           self.buffers[self.current], self.buffers[1 - self.current]):
+            request.set_tensor(past, self._view(src, self.past_len))
+            request.set_tensor(present, self._view(dst, total))
+        request.infer()
+        if (s > 1) not in self.packed:  # prefill and single-token steps pack their weights apart (ov_pages)
+            release_pages(self.weight_files)
+            self.packed.add(s > 1)
+        self.current = 1 - self.current
+        self.past_len = total
+        return request.get_tensor("logits").data.copy()  # (b, k, vocab); the request reuses its memory
+
+    def cache(self) -> list[np.ndarray]:
+        count = self.batch * self.kv_heads * self.past_len * self.head_dim
+        shape = (self.batch, self.kv_heads, self.past_len, self.head_dim)
+        return [buf[:count].reshape(shape).copy() for buf in self.buffers[self.current]]
