@@ -33,11 +33,17 @@ class Checkpoint:
 
 
 def resolve(model: str) -> Path:
-    """A local directory, `random:<preset>`, or a Hugging Face repo id found in the local cache."""
+    """A local directory, `demo` (the shipped demo model), `random:<preset>`, or a Hugging Face repo id from the cache."""
     if model.startswith("random:"):
         from .random_model import materialize
 
         return materialize(model.removeprefix("random:"))
+    if model == "demo":
+        from .demo import CHECKPOINT
+
+        if not (CHECKPOINT / "config.json").is_file():
+            raise CheckpointError(f"the demo checkpoint is not installed ({CHECKPOINT} has no config.json)")
+        return CHECKPOINT
     path = Path(model).expanduser()
     if path.exists():
         if not path.is_dir():
