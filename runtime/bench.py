@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from vl_export.errors import InputError
+
 from .pipeline import Pipeline
 from .preprocess import TilingConfig, preprocess
 from .sampling import GenerationConfig
@@ -107,7 +109,9 @@ def parse_options(pairs: list[str]) -> dict:
     """`key=value` backend options; integers become ints."""
     options = {}
     for pair in pairs:
-        key, _, value = pair.partition("=")
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise InputError(f"backend option {pair!r} is not key=value")
         options[key.replace("-", "_")] = int(value) if value.isdigit() else value
     return options
 

@@ -294,6 +294,18 @@ def test_bad_options_are_clear_errors(bundle_fp32, options, message):
     assert message in str(error.value) and "\n" not in str(error.value)
 
 
+def test_cli_options_reach_the_openvino_backend(bundle_fp32, capsys):
+    from vl_export.cli import main
+
+    base = ["run", "--bundle", str(bundle_fp32), "--prompt", "Hi", "--max-new-tokens", "2", "--backend", "openvino"]
+    assert main([*base, "--option", "precision=f32", "--option", "hint=latency", "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["token_ids"]) >= 1
+    assert main([*base, "--option", "precision=fp8"]) == 2
+    assert "unknown OpenVINO precision 'fp8'" in capsys.readouterr().err
+    assert main([*base, "--option", "precision"]) == 2
+    assert capsys.readouterr().err.strip() == "vl-export: error: backend option 'precision' is not key=value"
+
+
 def test_runtime_on_openvino_imports_neither_torch_nor_transformers(bundle_fp32):
     script = textwrap.dedent(f"""
         import json, sys

@@ -47,7 +47,11 @@ def _generation(args: argparse.Namespace):
 def _pipeline(args: argparse.Namespace):
     from vl_export.runtime import Pipeline
 
-    options = {"threads": args.threads} if args.threads else {}
+    from vl_export.runtime.bench import parse_options
+
+    options = parse_options(args.option)
+    if args.threads:
+        options["threads"] = args.threads
     if args.device:
         options["device"] = args.device
     return Pipeline.from_bundle(args.bundle, backend=args.backend, **options)
@@ -126,7 +130,9 @@ def _verify(args: argparse.Namespace) -> int:
     prompts = None
     if args.prompts:
         prompts = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
-    options = {"threads": args.threads} if args.threads else {}
+    options = parse_options(args.option)
+    if args.threads:
+        options["threads"] = args.threads
     if args.device:
         options["device"] = args.device
     thresholds = {k: float(v) for k, v in parse_options(args.threshold).items()}
@@ -175,6 +181,8 @@ def _runtime_arguments(p: argparse.ArgumentParser) -> None:
                    help="onnxruntime (ort), openvino (ov) or tensorrt (trt); or per graph, e.g. vision=openvino,decoder=onnxruntime")
     p.add_argument("--device", default=None, help="backend device, e.g. cpu or cuda for onnxruntime")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the backend")
+    p.add_argument("--option", action="append", default=[],
+                   help="backend option key=value (repeatable), e.g. precision=f32 for openvino")
 
 
 def _generation_arguments(p: argparse.ArgumentParser) -> None:
