@@ -42,7 +42,8 @@ def resolve(model: str) -> Path:
         from .demo import CHECKPOINT
 
         if not (CHECKPOINT / "config.json").is_file():
-            raise CheckpointError(f"the demo checkpoint is not installed ({CHECKPOINT} has no config.json)")
+            raise CheckpointError(f"the demo model is not shipped yet ({CHECKPOINT} has no config.json): train one with "
+                                  f"python -m vl_export.export.demo.train --out DIR and pass --model DIR")
         return CHECKPOINT
     path = Path(model).expanduser()
     if path.exists():

@@ -1,10 +1,11 @@
-"""Synthetic visual questions for the demo model: coloured shapes, counts, positions and a drawn digit or word.
+"""Synthetic visual questions for the demo model: coloured shapes, counts, positions and a drawn digit.
 
 Every example comes from one integer seed, so the data set is a function, not a folder. Training draws seeds
 below HELDOUT_SEED; the held-out set is `heldout(n)`, seeds HELDOUT_SEED + i, never seen in training.
-Images are large and oddly shaped (300-1600 px a side, aspect ratios 1:4 to 4:1) so that the reference's
+Images are large and oddly shaped (300-1600 px a side, aspect ratios 1:3 to 3:1) so that the reference's
 dynamic tiling cuts them into several tiles plus a thumbnail; shapes are sized in *tile* pixels so that each
-one covers two to four 32-px patches of the tile it lands in, whatever the image's size.
+one spans three to six 32-px patches of the tile it lands in, whatever the image's size. Up to four shapes, one
+per colour, and a digit: a task a 3M-parameter model learns on two CPU cores in well under an hour.
 """
 
 from __future__ import annotations
@@ -30,11 +31,11 @@ COLOURS = {
     "purple": (140, 60, 190),
     "orange": (250, 135, 20),
 }
-SHAPES = ("circle", "square", "triangle", "star")
+SHAPES = ("circle", "square", "triangle")
 DIGITS = tuple("0123456789")
-WORDS = ("cat", "dog", "sun", "car", "hat", "box")
+TEXT_COLOUR = (20, 20, 20)
 KINDS = ("colour", "shape", "count", "position", "text")
-MAX_SHAPES = 6
+MAX_SHAPES = 4
 
 
 @dataclass(frozen=True)
@@ -72,15 +73,15 @@ class Example:
 
 
 def _image_size(rng: random.Random) -> tuple[int, int]:
-    aspect = math.exp(rng.uniform(0.0, math.log(4.0)))  # long side / short side, 1 .. 4
+    aspect = math.exp(rng.uniform(0.0, math.log(3.0)))  # long side / short side, 1 .. 3
     long_side = rng.uniform(max(300.0, 300.0 * aspect), 1600.0)
     size = (round(long_side), round(long_side / aspect))
     return size if rng.random() < 0.5 else size[::-1]
 
 
-def _tile_scale(width: int, height: int) -> float:
+def _tile_scale(width: int, height: int, max_tiles: int = MAX_TILES) -> float:
     """Image pixels -> pixels of the tiles the reference's tiling cuts (the smaller of the two axes' scales)."""
-    cols, rows = closest_grid(width, height, target_grids(1, MAX_TILES), TILE)
+    cols, rows = closest_grid(width, height, target_grids(1, max_tiles), TILE)
     return min(TILE * cols / width, TILE * rows / height)
 
 
@@ -102,15 +103,24 @@ def _place(rng: random.Random, w: int, h: int, size: tuple[int, int], taken: lis
     return None
 
 
-def make_scene(rng: random.Random) -> Scene:
+def make_scene(rng: random.Random, max_shapes: int = MAX_SHAPES, grow: float = 1.0, tile_view: bool = False) -> Scene:
+    """A random scene; `grow` > 1 draws larger shapes (a training curriculum; evaluation uses 1).
+
+    `tile_view`: a scene for vision pretraining instead, that one 448 px tile holds whole, squeezed along one
+    axis up to 3x as a thumbnail squeezes; its shapes are as large in tile pixels as the scenes' are.
+    """
     while True:
-        width, height = _image_size(rng)
-        scale = _tile_scale(width, height)
+        if tile_view:
+            width, height = (round(TILE * math.exp(rng.uniform(0.0, math.log(3.0)))) for _ in range(2))
+            scale = max(TILE / width, TILE / height)  # shapes normal along the less squeezed axis
+        else:
+            width, height = _image_size(rng)
+            scale = _tile_scale(width, height)
         background = tuple(rng.randint(225, 255) for _ in range(3))
         taken: list[tuple[int, int, int, int]] = []
-        # The text first, so that it always fits: 60-110 tile px high.
-        text = rng.choice(DIGITS) if rng.random() < 0.6 else rng.choice(WORDS)
-        font_size = max(12, round(rng.uniform(60, 110) / scale))
+        # The digit first, so that it always fits: 100-150 tile px high.
+        text = rng.choice(DIGITS)
+        font_size = max(12, round(rng.uniform(100, 150) / scale))
         x0, y0, x1, y1 = ImageDraw.Draw(Image.new("RGB", (1, 1))).textbbox((0, 0), text, font=_font(font_size))
         gap = max(6, round(16 / scale))
         box = _place(rng, width, height, (x1 - x0, y1 - y0), taken, gap)
@@ -119,44 +129,54 @@ def make_scene(rng: random.Random) -> Scene:
         taken.append(box)
         text_xy = (box[0] - x0, box[1] - y0)
         items = []
-        for _ in range(rng.randint(1, MAX_SHAPES)):
-            side = round(rng.uniform(64, 140) / scale)  # 2 to 4.4 patches of 32 px
+        count = rng.randint(max_shapes // 2 if tile_view else 1, max_shapes)
+        for colour in rng.sample(list(COLOURS), count):  # one object per colour: "the red object" is unique
+            side = round(rng.uniform(110, 190) * grow / scale)  # 3.4 to 6 patches of 32 px at grow 1
             box = _place(rng, width, height, (side, side), taken, gap)
             if box is None:
                 break
             taken.append(box)
-            items.append(Item(rng.choice(SHAPES), rng.choice(list(COLOURS)), box))
+            items.append(Item(rng.choice(SHAPES), colour, box))
         if items:
             return Scene(width, height, background, tuple(items), text, text_xy, font_size)
 
 
-def _star(box: tuple[int, int, int, int]) -> list[tuple[float, float]]:
-    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
-    outer = (box[2] - box[0]) / 2
-    points = []
-    for k in range(10):
-        radius = outer if k % 2 == 0 else outer * 0.42
-        angle = -math.pi / 2 + k * math.pi / 5
-        points.append((cx + radius * math.cos(angle), cy + radius * math.sin(angle)))
-    return points
+def _draw_item(draw: ImageDraw.ImageDraw, item: Item, fill) -> None:
+    x0, y0, x1, y1 = item.box
+    if item.shape == "circle":
+        draw.ellipse(item.box, fill=fill)
+    elif item.shape == "square":
+        draw.rectangle(item.box, fill=fill)
+    else:
+        draw.polygon([(x0, y1), (x1, y1), ((x0 + x1) / 2, y0)], fill=fill)
 
 
 def render(scene: Scene) -> Image.Image:
     image = Image.new("RGB", (scene.width, scene.height), scene.background)
     draw = ImageDraw.Draw(image)
     for item in scene.items:
-        fill, (x0, y0, x1, y1) = COLOURS[item.colour], item.box
-        if item.shape == "circle":
-            draw.ellipse(item.box, fill=fill)
-        elif item.shape == "square":
-            draw.rectangle(item.box, fill=fill)
-        elif item.shape == "triangle":
-            draw.polygon([(x0, y1), (x1, y1), ((x0 + x1) / 2, y0)], fill=fill)
-        else:
-            draw.polygon(_star(item.box), fill=fill)
-    stroke = max(1, scene.font_size // 14)
-    draw.text(scene.text_xy, scene.text, fill=(20, 20, 20), font=_font(scene.font_size), stroke_width=stroke, stroke_fill=(20, 20, 20))
+        _draw_item(draw, item, COLOURS[item.colour])
+    draw.text(scene.text_xy, scene.text, fill=TEXT_COLOUR, font=_font(scene.font_size), stroke_width=_stroke(scene), stroke_fill=TEXT_COLOUR)
     return image
+
+
+def _stroke(scene: Scene) -> int:
+    return max(1, scene.font_size // 14)
+
+
+def text_box(scene: Scene) -> tuple[int, int, int, int]:
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    return draw.textbbox(scene.text_xy, scene.text, font=_font(scene.font_size), stroke_width=_stroke(scene))
+
+
+def label_map(scene: Scene) -> Image.Image:
+    """Which thing covers each pixel, as an "L" image: 0 background, i + 1 item i, len(items) + 1 the text's box."""
+    labels = Image.new("L", (scene.width, scene.height), 0)
+    draw = ImageDraw.Draw(labels)
+    for i, item in enumerate(scene.items):
+        _draw_item(draw, item, i + 1)
+    draw.rectangle(text_box(scene), fill=len(scene.items) + 1)
+    return labels
 
 
 # --- questions -------------------------------------------------------------------------------------------
@@ -174,8 +194,7 @@ def facts(scene: Scene, kind: str) -> list[Fact]:
     """Every fact of `kind` that the scene answers unambiguously."""
     items = scene.items
     shapes = [i.shape for i in items]
-    colours = [i.colour for i in items]
-    out: list[Fact] = []
+    out: list[Fact] = []  # colours are unique within a scene (make_scene), so "the red object" is one object
     if kind == "colour":
         for item in items:
             if shapes.count(item.shape) == 1:
@@ -183,39 +202,32 @@ def facts(scene: Scene, kind: str) -> list[Fact]:
                 out.append(Fact((f"What colour is the {s}?", f"What color is the {s}?", f"Which colour does the {s} have?"), item.colour))
     elif kind == "shape":
         for item in items:
-            if colours.count(item.colour) == 1:
-                c = item.colour
-                out.append(Fact((f"What shape is the {c} object?", f"Which shape is {c}?", f"What is the shape of the {c} object?"), item.shape))
+            c = item.colour
+            out.append(Fact((f"What shape is the {c} object?", f"Which shape is {c}?", f"What is the shape of the {c} object?"), item.shape))
     elif kind == "count":
         out.append(Fact(("How many shapes are there?", "How many shapes are in the image?", "Count the shapes in the picture."), str(len(items))))
         for shape in sorted(set(shapes)):
             out.append(Fact((f"How many {shape}s are there?", f"How many {shape}s can you see?"), str(shapes.count(shape))))
     elif kind == "position":
-        pairs = [(i.colour, i.shape) for i in items]
         for item in items:
-            if pairs.count((item.colour, item.shape)) != 1:
-                continue
             name = f"{item.colour} {item.shape}"
             cx, cy = item.centre
             dx, dy = cx / scene.width - 0.5, cy / scene.height - 0.5
-            if abs(dx) > 0.12:  # clearly off the middle, so that the answer is not a matter of pixels
+            if abs(dx) > 0.15:  # clearly off the middle, so that the answer is not a matter of pixels
                 out.append(Fact((f"Is the {name} on the left or the right?", f"Is the {name} on the right or the left side of the image?"), "left" if dx < 0 else "right"))
-            if abs(dy) > 0.12:
+            if abs(dy) > 0.15:
                 out.append(Fact((f"Is the {name} at the top or the bottom?", f"Is the {name} in the bottom or the top half of the image?"), "top" if dy < 0 else "bottom"))
     elif kind == "text":
-        if scene.text in DIGITS:
-            out.append(Fact(("What digit is written in the image?", "Which number is written on the picture?"), scene.text))
-        else:
-            out.append(Fact(("What word is written in the image?", "Which word can you read in the picture?"), scene.text))
+        out.append(Fact(("What digit is written in the image?", "Which number is written on the picture?", "What number can you read in the image?"), scene.text))
     else:
         raise ValueError(f"unknown question kind {kind!r} (kinds: {', '.join(KINDS)})")
     return out
 
 
-def scene_for(rng: random.Random, kind: str) -> tuple[Scene, list[Fact]]:
+def scene_for(rng: random.Random, kind: str, max_shapes: int = MAX_SHAPES, grow: float = 1.0) -> tuple[Scene, list[Fact]]:
     """A scene that answers at least one question of `kind`, and those facts."""
     while True:
-        scene = make_scene(rng)
+        scene = make_scene(rng, max_shapes, grow)
         if found := facts(scene, kind):
             return scene, found
 
@@ -229,14 +241,15 @@ def example(seed: int, kind: str | None = None) -> Example:
     return Example(render(scene), rng.choice(fact.phrasings), fact.answer, kind, seed)
 
 
-def conversation(seed: int, max_turns: int) -> tuple[Image.Image, list[tuple[str, str, str]]]:
-    """An image and up to `max_turns` (question, answer, kind) about it, each fact asked once; for training.
+def conversation(seed: int, max_turns: int, max_shapes: int = MAX_SHAPES, grow: float = 1.0) -> tuple[Scene, list[tuple[str, str, str]]]:
+    """A scene and up to `max_turns` (question, answer, kind) about it, each fact asked once; for training.
 
-    The first turn is drawn exactly as `example(seed)` draws its question.
+    The first turn is drawn as `example(seed)` draws its question; fewer and larger shapes (curriculum) make
+    an easier scene.
     """
     rng = random.Random(seed)
     kind = rng.choice(KINDS)
-    scene, found = scene_for(rng, kind)
+    scene, found = scene_for(rng, kind, max_shapes, grow)
     first = rng.choice(found)
     turns = [(rng.choice(first.phrasings), first.answer, kind)]
     left = {k: [f for f in facts(scene, k) if f != first] for k in KINDS}
@@ -247,7 +260,7 @@ def conversation(seed: int, max_turns: int) -> tuple[Image.Image, list[tuple[str
         k = rng.choice(kinds)
         fact = left[k].pop(rng.randrange(len(left[k])))
         turns.append((rng.choice(fact.phrasings), fact.answer, k))
-    return render(scene), turns
+    return scene, turns
 
 
 def heldout(n: int, start: int = 0) -> list[Example]:
@@ -262,6 +275,28 @@ def corpus() -> list[str]:
     for _ in range(300):
         scene = make_scene(rng)
         lines |= {f"{q} {f.answer}" for k in KINDS for f in facts(scene, k) for q in f.phrasings}
-    answers = [*COLOURS, *SHAPES, *WORDS, "left", "right", "top", "bottom"]
+    answers = [*COLOURS, *SHAPES, "left", "right", "top", "bottom"]
     # Answers follow "assistant\n" with no space before them: teach the BPE those words bare, too.
     return sorted(lines) + ["\n".join(answers)] * 4
+
+
+# Shipped examples (export/demo/images): held-out seeds far from heldout()'s, one per question kind, images that
+# the tiling cuts into four or six tiles plus the thumbnail; chosen before the model was trained.
+EXAMPLE_PICKS = ((1_900_000, "shape"), (1_900_004, "count"), (1_900_007, "position"), (1_900_006, "text"), (1_900_002, "colour"))
+
+
+def write_examples(out_dir, picks=EXAMPLE_PICKS) -> list[dict]:
+    """Write the example PNGs and examples.json ({image, question, answer, kind, seed}) to out_dir."""
+    import json
+    from pathlib import Path
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    listing = []
+    for seed, kind in picks:
+        e = example(seed, kind)
+        name = f"{kind}-{e.image.width}x{e.image.height}.png"
+        e.image.save(out_dir / name, optimize=True)
+        listing.append({"image": name, "question": e.question, "answer": e.answer, "kind": kind, "seed": seed})
+    (out_dir / "examples.json").write_text(json.dumps(listing, indent=2) + "\n")
+    return listing

@@ -1,6 +1,7 @@
-"""Task accuracy of a demo checkpoint in PyTorch fp32: greedy answers to held-out questions, exact match.
+"""Task accuracy of the demo model: greedy answers to held-out questions, exact match, in PyTorch fp32 (the
+checkpoint) or through the runtime (a bundle on a backend).
 
-    python -m vl_export.export.demo.evaluate [--checkpoint DIR] [-n 250]
+    python -m vl_export.export.demo.evaluate [--checkpoint DIR] [--bundle B [--backend onnxruntime]] [-n 250]
 
 The checkpoint is loaded through export.checkpoint.load (the original layout's rename map), and every request
 is built as the runtime builds it: the reference's tiling, the internvl2_5 template with the default system
@@ -59,6 +60,23 @@ class Answerer:
         return clean_response(self.tokenizer.decode(new_tokens, skip_special_tokens=True))
 
 
+class BundleAnswerer:
+    """The same questions through the runtime: a bundle on a backend, greedy."""
+
+    def __init__(self, bundle: Path, backend: str = "onnxruntime", **backend_options):
+        from vl_export.runtime import Pipeline
+        from vl_export.runtime.sampling import GenerationConfig
+
+        self.pipeline = Pipeline.from_bundle(bundle, backend=backend, **backend_options)
+        self.generation = GenerationConfig
+        self.token_ids: list[list[int]] = []  # every answer's token ids, in order
+
+    def __call__(self, image: Image.Image | Path | str, question: str, max_new_tokens: int = 8) -> str:
+        result = self.pipeline.chat(question, images=[image], generation=self.generation(max_new_tokens=max_new_tokens))
+        self.token_ids.append(list(result.token_ids))
+        return result.text
+
+
 @dataclass
 class Report:
     correct: dict[str, int] = field(default_factory=dict)
@@ -99,13 +117,18 @@ def evaluate(answerer: Answerer, examples: Iterable[data.Example], max_new_token
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", type=Path, default=CHECKPOINT)
+    parser.add_argument("--checkpoint", type=Path, default=CHECKPOINT, help="checkpoint to run in PyTorch fp32")
+    parser.add_argument("--bundle", type=Path, help="run this bundle through the runtime instead")
+    parser.add_argument("--backend", default="onnxruntime", help="the bundle's backend")
     parser.add_argument("-n", type=int, default=250, help="held-out examples (balanced over the question kinds)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     start = time.time()
-    answerer = Answerer.from_path(args.checkpoint)
+    if args.bundle:
+        answerer = BundleAnswerer(args.bundle, args.backend, threads=args.threads)
+    else:
+        answerer = Answerer.from_path(args.checkpoint)
     report = evaluate(answerer, data.heldout(args.n))
     print(report.table())
     for seed, question, answer, got in report.mistakes:

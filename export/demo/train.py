@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import math
+import random
 import time
 from pathlib import Path
 
@@ -27,7 +29,7 @@ from vl_export.spec import ModelSpec
 from .. import synthetic_tokenizer
 from ..random_model import random_model, write_original_checkpoint
 from ..tokenizer import load_fast
-from . import data
+from . import data, regions
 
 DEMO_CONFIG = {
     "architectures": ["InternVLChatModel"],
@@ -121,13 +123,15 @@ def encode_conversation(tokenizer, turns: list[tuple[str, str, str]], tiles: int
     return encoding.ids, labels, kinds
 
 
-def make_batch(seeds, tokenizer, spec: ModelSpec, max_turns: int, pad_id: int):
-    """Right-padded ids, mask and labels for one conversation per seed; all tiles concatenated in order."""
-    pixel_values, rows = [], []
+def make_batch(seeds, tokenizer, spec: ModelSpec, max_turns: int, pad_id: int, difficulty=(data.MAX_SHAPES, 1.0)):
+    """Right-padded ids, mask and labels for one conversation per seed, all tiles concatenated in order, and
+    the per-token region targets of those tiles."""
+    pixel_values, rows, region_targets = [], [], []
     for seed in seeds:
-        image, turns = data.conversation(seed, max_turns)
-        pv = torch.from_numpy(preprocess(image, tiling(spec)))  # (tiles, 3, 448, 448)
+        scene, turns = data.conversation(seed, max_turns, *difficulty)
+        pv = torch.from_numpy(preprocess(data.render(scene), tiling(spec)))  # (tiles, 3, 448, 448)
         pixel_values.append(pv)
+        region_targets.append(regions.targets(scene, spec))
         rows.append(encode_conversation(tokenizer, turns, pv.shape[0], spec.num_image_tokens))
     length = max(len(ids) for ids, _, _ in rows)
     input_ids = torch.full((len(rows), length), pad_id)
@@ -139,7 +143,30 @@ def make_batch(seeds, tokenizer, spec: ModelSpec, max_turns: int, pad_id: int):
         labels[b, : len(ids)] = torch.tensor(lab)
         mask[b, : len(ids)] = 1
         kinds.append(kind + [None] * (length - len(ids)))
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels, "pixel_values": torch.cat(pixel_values)}, kinds
+    batch = {"input_ids": input_ids, "attention_mask": mask, "labels": labels, "pixel_values": torch.cat(pixel_values)}
+    targets = {name: torch.cat([t[name] for t in region_targets]) for name in region_targets[0]}
+    return batch, kinds, targets
+
+
+def curriculum(step: int, steps: int) -> tuple[int, float]:
+    """(most shapes per scene, shape size factor). From scratch, the decoder first has to find that the answer
+    is in the image at all; a few large shapes make that signal strong. Training starts with one shape twice
+    the normal size, and reaches the evaluated distribution (up to six shapes, size 1) at 40% of the steps."""
+    ramp = min(1.0, max(0.0, (step / steps - 0.1) / 0.3))
+    return 1 + math.floor(ramp * (data.MAX_SHAPES - 1) + 1e-9), 2.0 - ramp
+
+
+def init_vision_embeddings_(model, generator: torch.Generator) -> None:
+    """Patch tokens at unit scale and position embeddings at half that. random_model's sane-for-parity init
+    gives patch tokens ~50x the position signal, and a white background's patches differ only by position:
+    trained from there, shapes and left/right were learnt far more slowly than colours."""
+    embeddings = model.model.vision_tower.embeddings
+    patch = embeddings.patch_embeddings.projection
+    with torch.no_grad():
+        patch.weight.normal_(0.0, patch.weight[0].numel() ** -0.5, generator=generator)
+        patch.bias.zero_()
+        embeddings.position_embeddings.normal_(0.0, 0.5, generator=generator)
+        embeddings.cls_token.normal_(0.0, 0.5, generator=generator)
 
 
 def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
@@ -149,23 +176,88 @@ def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
     return peak * (0.03 + 0.97 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def save(model, config: dict, out_dir: Path, dtype: torch.dtype) -> None:
-    write_original_checkpoint(model, config, out_dir, dtype=dtype)
+def make_optimizer(named_params, lr: float) -> torch.optim.AdamW:
+    decay = [p for n, p in named_params if p.dim() >= 2 and "embed" not in n]
+    no_decay = [p for n, p in named_params if p.dim() < 2 or "embed" in n]
+    groups = [{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98))
+
+
+def tile_view_batch(seeds, spec: ModelSpec):
+    """Vision pretraining: one tile per scene, shapes packed densely, squeezed as thumbnails squeeze them."""
+    one_tile = dataclasses.replace(spec, max_dynamic_patch=1)
+    pixel_values, region_targets = [], []
+    for seed in seeds:
+        scene = data.make_scene(random.Random(seed), max_shapes=len(data.COLOURS), tile_view=True)
+        pixel_values.append(torch.from_numpy(preprocess(data.render(scene), tiling(one_tile))))
+        region_targets.append(regions.targets(scene, one_tile))
+    return torch.cat(pixel_values), {name: torch.cat([t[name] for t in region_targets]) for name in region_targets[0]}
+
+
+class Meter:
+    """Running means and (right, total) counts between two log lines."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, list[int]] = {}
+        self.n = 0
+
+    def add(self, values: dict[str, float], counts: dict[str, tuple[int, int]]) -> None:
+        self.n += 1
+        for k, v in values.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        for k, (right, total) in counts.items():
+            c = self.counts.setdefault(k, [0, 0])
+            c[0], c[1] = c[0] + right, c[1] + total
+
+    def line(self) -> str:
+        means = " ".join(f"{k} {v / max(self.n, 1):.4f}" for k, v in self.sums.items())
+        accuracy = " ".join(f"{k} {r / max(t, 1):.2f}" for k, (r, t) in self.counts.items())
+        return f"{means} | acc {accuracy}"
+
+
+def pretrain_vision(model, heads: regions.RegionHeads, spec: ModelSpec, steps: int, lr: float, batch_size: int, log_every: int) -> None:
+    """Stage 1: the vision tower and projector alone, on the region targets of densely packed single tiles.
+    Four times cheaper per tile than stage 2 and several times denser in shapes, it gives stage 2 image
+    features in which colours, shapes and text can already be told apart."""
+    named = [*model.model.vision_tower.named_parameters(), *model.model.multi_modal_projector.named_parameters(), *heads.named_parameters()]
+    optimizer = make_optimizer(named, lr)
+    start, meter = time.time(), Meter()
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, steps, lr, warmup=30)
+        # Seeds from the top of the training range, far from stage 2's.
+        pixel_values, targets = tile_view_batch(range(data.HELDOUT_SEED - (step + 1) * batch_size, data.HELDOUT_SEED - step * batch_size), spec)
+        embeds = model.model.get_image_features(pixel_values).pooler_output  # (tiles, tokens, hidden)
+        loss = heads.loss(embeds, targets)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for _, p in named], 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        meter.add({"aux": loss.item()}, heads.accuracy(embeds.detach(), targets))
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            print(f"vision {step + 1}/{steps} {meter.line()} | {(time.time() - start) / 60:.1f} min", flush=True)
+            meter = Meter()
 
 
 def train(
     out_dir: Path,
-    steps: int = 2000,
+    steps: int = 1500,
+    vision_steps: int = 1500,
     batch_size: int = 8,
-    max_turns: int = 6,
+    vision_batch_size: int = 16,
+    max_turns: int = 10,
     lr: float = 1.5e-3,
     warmup: int = 100,
     seed: int = 0,
     dtype: torch.dtype = torch.bfloat16,
+    aux_weight: float = 0.5,
     log_every: int = 20,
     save_every: int = 250,
 ) -> Path:
     torch.manual_seed(seed)
+    if steps * batch_size + vision_steps * vision_batch_size > data.HELDOUT_SEED:
+        raise ValueError("training would use held-out seeds: fewer steps or smaller batches")
     out_dir.mkdir(parents=True, exist_ok=True)
     specials = write_tokenizer(out_dir)
     tokenizer = load_fast(out_dir)
@@ -174,54 +266,54 @@ def train(
     text.update(vocab_size=max(specials.values()) + 1, bos_token_id=specials["<|endoftext|>"], eos_token_id=specials["<|im_end|>"])
     spec = ModelSpec.from_config(config)
     model = random_model(spec, specials["<IMG_CONTEXT>"], seed).train()
+    init_vision_embeddings_(model, torch.Generator().manual_seed(seed))
     model.config._attn_implementation = "sdpa"
     params = sum(p.numel() for p in model.parameters())
     print(f"demo model: {params / 1e6:.2f}M parameters, {spec.num_image_tokens} image tokens per tile", flush=True)
-
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or "embed" in n]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98)
-    )
-    if steps * batch_size > data.HELDOUT_SEED:  # data seeds 0, 1, 2, ...; `seed` is the initialisation's
-        raise ValueError(f"training seeds would reach {steps * batch_size}, past HELDOUT_SEED {data.HELDOUT_SEED}")
-
+    heads = regions.RegionHeads(spec.text.hidden_size, spec.vision.grid // spec.shuffle_factor)
     start = time.time()
-    totals = {"loss": 0.0, "n": 0}
-    hits: dict[str, list[int]] = {k: [0, 0] for k in data.KINDS}
+    pretrain_vision(model, heads, spec, vision_steps, lr, vision_batch_size, log_every)
+
+    # Stage 2: the whole model on conversations, the region loss kept on as a regulariser of the features.
+    image_embeds = []  # the projector's output of the current step, (tiles, tokens, hidden)
+    model.model.multi_modal_projector.register_forward_hook(lambda module, args, out: image_embeds.append(out))
+    named = [*model.named_parameters(), *heads.named_parameters()]
+    optimizer = make_optimizer(named, lr)
+    meter = Meter()
     for step in range(steps):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, steps, lr, warmup)
         seeds = range(step * batch_size, (step + 1) * batch_size)
-        batch, kinds = make_batch(seeds, tokenizer, spec, max_turns, specials["<|endoftext|>"])
+        batch, kinds, targets = make_batch(seeds, tokenizer, spec, max_turns, specials["<|endoftext|>"], curriculum(step, steps))
+        image_embeds.clear()
         out = model(**batch)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        aux = heads.loss(image_embeds[0], targets)
+        (out.loss + aux_weight * aux).backward()
+        torch.nn.utils.clip_grad_norm_([p for _, p in named], 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-        totals["loss"] += out.loss.item()
-        totals["n"] += 1
-        with torch.no_grad():  # token accuracy at the answer positions: the logits at t predict the token at t+1
+        with torch.no_grad():  # answer-token accuracy per kind: the logits at t predict the token at t + 1
             predicted = out.logits[:, :-1].argmax(-1)
             target = batch["labels"][:, 1:]
-            for b, t in zip(*torch.nonzero(target != -100, as_tuple=True)):
+            counts: dict[str, list[int]] = {k: [0, 0] for k in data.KINDS}
+            answers = (target != -100) & (target != specials["<|im_end|>"])
+            for b, t in zip(*torch.nonzero(answers, as_tuple=True)):
                 kind = kinds[b][t + 1]
-                hits[kind][0] += int(predicted[b, t] == target[b, t])
-                hits[kind][1] += 1
+                counts[kind][0] += int(predicted[b, t] == target[b, t])
+                counts[kind][1] += 1
+        meter.add({"loss": out.loss.item(), "aux": aux.item()}, {k: tuple(v) for k, v in counts.items()})
         if (step + 1) % log_every == 0 or step + 1 == steps:
-            elapsed = time.time() - start
-            accuracy = " ".join(f"{k} {h / max(n, 1):.2f}" for k, (h, n) in hits.items())
+            shapes, grow = curriculum(step, steps)
             print(
-                f"step {step + 1}/{steps} loss {totals['loss'] / totals['n']:.4f} lr {optimizer.param_groups[0]['lr']:.2e} "
-                f"| token acc {accuracy} | {elapsed / 60:.1f} min",
+                f"step {step + 1}/{steps} {meter.line()} | lr {optimizer.param_groups[0]['lr']:.2e} shapes<={shapes} "
+                f"x{grow:.2f} | {(time.time() - start) / 60:.1f} min",
                 flush=True,
             )
-            totals = {"loss": 0.0, "n": 0}
-            hits = {k: [0, 0] for k in data.KINDS}
+            meter = Meter()
         if (step + 1) % save_every == 0 and step + 1 < steps:
-            save(model, config, out_dir, dtype)
-    save(model, config, out_dir, dtype)
+            write_original_checkpoint(model, config, out_dir, dtype=dtype)
+    write_original_checkpoint(model, config, out_dir, dtype=dtype)
     print(f"saved {out_dir} after {(time.time() - start) / 60:.1f} min", flush=True)
     return out_dir
 
@@ -229,9 +321,10 @@ def train(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="checkpoint directory to write")
-    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--steps", type=int, default=1500, help="conversation steps (stage 2)")
+    parser.add_argument("--vision-steps", type=int, default=1500, help="vision pretraining steps (stage 1)")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--turns", type=int, default=6, help="most questions per image")
+    parser.add_argument("--turns", type=int, default=10, help="most questions per image")
     parser.add_argument("--lr", type=float, default=1.5e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="weights as saved")
@@ -241,6 +334,7 @@ def main(argv: list[str] | None = None) -> None:
     train(
         args.out,
         steps=args.steps,
+        vision_steps=args.vision_steps,
         batch_size=args.batch_size,
         max_turns=args.turns,
         lr=args.lr,

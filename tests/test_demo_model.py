@@ -1,0 +1,96 @@
+"""The demo model's data, region targets and training script (the trained checkpoint is not shipped yet).
+
+What is tested: the generator is a pure function of the seed, its questions are unambiguous, the region targets
+are cut exactly as the runtime tiles the image, and a few training steps write a checkpoint in the original
+OpenGVLab layout that the exporter loads and that answers through the same path as the evaluation.
+"""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from vl_export.errors import CheckpointError
+from vl_export.export.checkpoint import load, resolve
+from vl_export.export.demo import CHECKPOINT, data, regions
+from vl_export.runtime.preprocess import TilingConfig, preprocess
+
+
+def test_examples_are_a_function_of_their_seed():
+    a, b = data.example(123), data.example(123)
+    assert (a.question, a.answer, a.kind) == (b.question, b.answer, b.kind)
+    assert np.array_equal(np.asarray(a.image), np.asarray(b.image))
+    assert data.example(124).image.size != a.image.size or data.example(124).question != a.question
+
+
+def test_heldout_set_is_balanced_and_disjoint_from_training_seeds():
+    heldout = data.heldout(20)
+    assert [e.kind for e in heldout] == list(data.KINDS) * 4
+    assert min(e.seed for e in heldout) >= data.HELDOUT_SEED
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_questions_have_one_right_answer(seed):
+    scene = data.make_scene(random.Random(seed))
+    colours = [item.colour for item in scene.items]
+    assert len(set(colours)) == len(colours), "one object per colour"
+    shapes = [item.shape for item in scene.items]
+    for fact in data.facts(scene, "colour"):
+        shape = fact.phrasings[0].removeprefix("What colour is the ").removesuffix("?")
+        assert shapes.count(shape) == 1 and colours[shapes.index(shape)] == fact.answer
+    for fact in data.facts(scene, "position"):
+        assert fact.answer in ("left", "right", "top", "bottom")
+    assert data.facts(scene, "text")[0].answer == scene.text
+    assert data.facts(scene, "count")[0].answer == str(len(scene.items))
+
+
+def test_region_targets_follow_the_runtimes_tiling(tiny_demo_spec):
+    spec = tiny_demo_spec
+    for seed in range(5):
+        scene = data.make_scene(random.Random(seed))
+        tiles = preprocess(data.render(scene), TilingConfig(spec.image_size, 1, spec.max_dynamic_patch, True))
+        targets = regions.targets(scene, spec)
+        tokens = (spec.vision.grid // spec.shuffle_factor) ** 2
+        assert targets["colour"].shape == (len(tiles), tokens, len(regions.COLOUR_CLASSES))
+        assert targets["centre"].shape == (len(tiles), tokens)
+        coverage = targets["colour"].sum(-1)
+        assert np.allclose(coverage.numpy(), 1.0, atol=1e-5), "each token's coverage sums to one"
+        # Every object's centre is flagged in the thumbnail (the last tile), which sees the whole image.
+        assert int(targets["centre"][-1].sum()) >= 1
+
+
+@pytest.fixture(scope="module")
+def tiny_demo_spec():
+    from vl_export.export.demo.train import DEMO_CONFIG
+    from vl_export.spec import ModelSpec
+
+    config = {**DEMO_CONFIG, "llm_config": {**DEMO_CONFIG["llm_config"], "vocab_size": 1024, "bos_token_id": 0,
+                                            "eos_token_id": 1}}
+    return ModelSpec.from_config(config)
+
+
+def test_a_few_training_steps_write_an_original_layout_checkpoint_that_loads_and_answers(tmp_path):
+    import torch
+
+    from vl_export.export.demo.evaluate import Answerer
+    from vl_export.export.demo.train import train
+
+    torch.manual_seed(0)
+    out = train(tmp_path / "ckpt", steps=2, vision_steps=2, batch_size=1, vision_batch_size=1, max_turns=2,
+                log_every=1, save_every=10)
+    checkpoint = load(out)
+    assert checkpoint.spec.layout == "original"
+    assert (checkpoint.spec.max_dynamic_patch, checkpoint.spec.use_thumbnail) == (data.MAX_TILES, True)
+    example = data.heldout(1)[0]
+    answer = Answerer(checkpoint)(example.image, example.question, max_new_tokens=2)
+    assert isinstance(answer, str)
+
+
+def test_demo_model_without_a_shipped_checkpoint_is_one_clear_line():
+    if (CHECKPOINT / "config.json").is_file():
+        pytest.skip("a demo checkpoint is installed")
+    with pytest.raises(CheckpointError) as error:
+        resolve("demo")
+    assert "python -m vl_export.export.demo.train" in str(error.value) and "\n" not in str(error.value)
