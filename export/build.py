@@ -17,7 +17,7 @@ from .trt_profiles import BuildOptions
 
 PRECISIONS = ("fp32", "fp16", "int8")
 BACKENDS = {"ort": "onnxruntime", "onnxruntime": "onnxruntime", "trt": "tensorrt", "tensorrt": "tensorrt"}
-DECODER_RECIPES = ("weight-only", "w8a8")
+DECODER_RECIPES = ("weight-only", "w8a8", "w8a8-smoothquant")
 
 
 @dataclass(frozen=True)
@@ -111,12 +111,22 @@ def quantize_bundle(staging: Path, manifest: Manifest, source_sha: str, data, co
     cache_dir.mkdir(parents=True, exist_ok=True)
     reused = []
 
-    def calibrated(role: str, feeds):
-        cache = cache_dir / f"{source_sha[:16]}-{role}-{method}-{data_sha[:16]}.json"
+    def calibrated(role: str, feeds, smooth: bool = False):
+        variant = f"{role}-smoothquant" if smooth else role  # a smoothed graph has other activation ranges
+        cache = cache_dir / f"{source_sha[:16]}-{variant}-{method}-{data_sha[:16]}.json"
 
         def make(src: Path, dst: Path) -> None:
+            if smooth:  # the smoothed fp32 graph replaces src for calibration and Q/DQ
+                from vl_export.calibration import smoothquant
+
+                smoothed = src.with_name(src.stem + ".smoothed.onnx")
+                smoothquant.smooth(src, smoothed, feeds)
+                src = smoothed
             if quantize.w8a8(src, dst, feeds, method, cache):
                 reused.append(role)
+            if smooth:
+                for path in src.parent.glob(src.name + "*"):
+                    path.unlink()
 
         return make
 
@@ -131,8 +141,9 @@ def quantize_bundle(staging: Path, manifest: Manifest, source_sha: str, data, co
     if config.decoder_recipe == "weight-only":
         other_steps.append(("decoder", "decoder.int8.onnx", "weight-only-int8", None, quantize.weight_only_int8))
     else:
-        calibrated_steps.append(("decoder", "decoder.int8.onnx", f"w8a8-{method}", None,
-                                 calibrated("decoder", lambda: data.decoder_feeds(pipe))))
+        smooth = config.decoder_recipe == "w8a8-smoothquant"
+        calibrated_steps.append(("decoder", "decoder.int8.onnx", f"{config.decoder_recipe}-{method}", None,
+                                 calibrated("decoder", lambda: data.decoder_feeds(pipe), smooth)))
     if config.backend == "onnxruntime":
         # ONNX Runtime's CPU kernels run Q/DQ matmuls slowly; its own dynamic INT8 is the fast form there.
         other_steps.append(("vision_encoder", "vision_encoder.ort-int8.onnx", "fused-dynamic-int8", ("onnxruntime",),

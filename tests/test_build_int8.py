@@ -142,3 +142,90 @@ def test_ort_fusions_keep_the_vision_encoder_exact(bundle_fp32, tmp_path, tiny):
     want = ort.InferenceSession(str(bundle_fp32 / "vision_encoder.onnx")).run(None, {"pixel_values": px})[0]
     got = ort.InferenceSession(str(tmp_path / "fused.onnx")).run(None, {"pixel_values": px})[0]
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+
+# --- SmoothQuant (the decoder's `w8a8-smoothquant` recipe) ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def decoder_feeds(bundle_fp32):
+    from vl_export.calibration.data import CalibrationSet
+
+    pipe = Pipeline.from_bundle(bundle_fp32, lazy=True)
+    data = CalibrationSet.from_paths(None, None)
+    feeds = list(data.decoder_feeds(pipe))
+    return lambda: iter(feeds)
+
+
+def logits_of(path, feed) -> np.ndarray:
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(["logits"], feed)[0].ravel()
+
+
+def cos(a, b) -> float:
+    return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+def with_outlier_channel(src, dst, factor=60.0):
+    """The same function with an activation outlier: channel 5 of layer 0's input norm scaled up by `factor`
+    and the rows of q/k/v that read it scaled down (as LLM activations have them: a few huge channels)."""
+    from onnx import numpy_helper
+
+    from vl_export.calibration.smoothquant import smooth_pairs
+
+    model = onnx.load(str(src))
+    pair = smooth_pairs(model)[0]
+    inits = {t.name: t for t in model.graph.initializer}
+    g = numpy_helper.to_array(inits[pair.scale]).copy()
+    g[5] *= factor
+    inits[pair.scale].CopyFrom(numpy_helper.from_array(g, pair.scale))
+    for name in pair.weights:
+        w = numpy_helper.to_array(inits[name]).copy()
+        w[5] /= factor
+        inits[name].CopyFrom(numpy_helper.from_array(w, name))
+    onnx.save(model, str(dst))
+
+
+def test_smoothquant_finds_qwen2s_norm_linear_pairs(bundle_fp32, tiny):
+    from vl_export.calibration.smoothquant import smooth_pairs
+
+    pairs = smooth_pairs(onnx.load(str(bundle_fp32 / "decoder.onnx")))
+    layers = Manifest.load(bundle_fp32).model.text.num_layers
+    assert [len(p.weights) for p in pairs] == [3, 2] * layers  # input_layernorm -> q,k,v; post_attention -> gate,up
+    assert all("layernorm" in p.scale for p in pairs)
+
+
+def test_smoothing_leaves_the_fp32_decoder_the_same_function(bundle_fp32, decoder_feeds, tmp_path):
+    from vl_export.calibration.smoothquant import smooth
+
+    assert smooth(bundle_fp32 / "decoder.onnx", tmp_path / "smoothed.onnx", decoder_feeds) > 0
+    feed = next(decoder_feeds())
+    want, got = logits_of(bundle_fp32 / "decoder.onnx", feed), logits_of(tmp_path / "smoothed.onnx", feed)
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+
+
+def test_smoothquant_recovers_what_an_outlier_channel_costs_w8a8(bundle_fp32, decoder_feeds, tmp_path):
+    from vl_export.calibration import quantize
+    from vl_export.calibration.smoothquant import smooth
+
+    outlier = tmp_path / "outlier.onnx"
+    with_outlier_channel(bundle_fp32 / "decoder.onnx", outlier)
+    quantize.w8a8(outlier, tmp_path / "plain.onnx", decoder_feeds, "minmax", None)
+    smooth(outlier, tmp_path / "smoothed.onnx", decoder_feeds)
+    quantize.w8a8(tmp_path / "smoothed.onnx", tmp_path / "sq.onnx", decoder_feeds, "minmax", None)
+    feeds = list(decoder_feeds())
+    plain = np.mean([cos(logits_of(tmp_path / "plain.onnx", f), logits_of(outlier, f)) for f in feeds])
+    smoothed = np.mean([cos(logits_of(tmp_path / "sq.onnx", f), logits_of(outlier, f)) for f in feeds])
+    print(f"W8A8 logits cosine to fp32 with an outlier channel: plain {plain:.5f}, SmoothQuant {smoothed:.5f}")
+    assert 1 - smoothed <= 0.5 * (1 - plain), (plain, smoothed)
+
+
+def test_w8a8_smoothquant_build_verifies(tiny, tmp_path):
+    manifest = build_bundle(str(tiny["original"]), tmp_path / "b", BuildConfig(precision="int8", decoder_recipe="w8a8-smoothquant"),
+                            progress=lambda _: None)
+    assert manifest.verification["passed"]
+    assert manifest.graph("decoder").recipe == "w8a8-smoothquant-minmax"
+    assert manifest.calibration["decoder_recipe"] == "w8a8-smoothquant"
+    assert not list((tmp_path / "b").glob("*.smoothed.onnx*"))
+    assert stage(manifest, "prefill_logits", "cosine")["value"] >= 0.98

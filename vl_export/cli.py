@@ -220,8 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-images", default=None, help="directory of calibration images (default: a built-in set)")
     p.add_argument("--calib-prompts", default=None, help="file of calibration prompts, one per line")
     p.add_argument("--calib-method", choices=("minmax", "entropy", "percentile"), default="minmax")
-    p.add_argument("--decoder-recipe", choices=("weight-only", "w8a8"), default="weight-only",
-                   help="INT8 decoder: weight-only (default; activations have outliers) or static W8A8")
+    p.add_argument("--decoder-recipe", choices=("weight-only", "w8a8", "w8a8-smoothquant"), default="weight-only",
+                   help="INT8 decoder: weight-only (default; activations have outliers), static W8A8, or W8A8 after SmoothQuant")
     p.add_argument("--no-verify", action="store_true", help="skip the accuracy check against PyTorch")
     _trt_arguments(p)
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
