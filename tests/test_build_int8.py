@@ -221,11 +221,17 @@ def test_smoothquant_recovers_what_an_outlier_channel_costs_w8a8(bundle_fp32, de
     assert 1 - smoothed <= 0.5 * (1 - plain), (plain, smoothed)
 
 
-def test_w8a8_smoothquant_build_verifies(tiny, tmp_path):
-    manifest = build_bundle(str(tiny["original"]), tmp_path / "b", BuildConfig(precision="int8", decoder_recipe="w8a8-smoothquant"),
-                            progress=lambda _: None)
-    assert manifest.verification["passed"]
-    assert manifest.graph("decoder").recipe == "w8a8-smoothquant-minmax"
+def test_w8a8_smoothquant_build_ships_a_smoothed_portable_decoder(tiny, tmp_path):
+    """The build's own check runs on ONNX Runtime, which takes the dynamic-INT8 decoder variant; the smoothed Q/DQ
+    decoder is for OpenVINO and TensorRT, so it is checked here on OpenVINO (f32 math, int8 where the graph says)."""
+    from vl_export.export.verify import verify_bundle
+
+    out = tmp_path / "b"
+    config = BuildConfig(precision="int8", decoder_recipe="w8a8-smoothquant", verify=False)
+    manifest = build_bundle(str(tiny["original"]), out, config, progress=lambda _: None)
+    assert manifest.graph("decoder", "openvino").recipe == "w8a8-smoothquant-minmax"
     assert manifest.calibration["decoder_recipe"] == "w8a8-smoothquant"
-    assert not list((tmp_path / "b").glob("*.smoothed.onnx*"))
-    assert stage(manifest, "prefill_logits", "cosine")["value"] >= 0.98
+    assert not list(out.glob("*.smoothed.onnx*"))
+    report = verify_bundle(out, str(tiny["original"]), backend="openvino", progress=lambda _: None, precision="f32")
+    logits = next(s for s in report["stages"] if s["stage"] == "prefill_logits" and s["metric"].startswith("cosine"))
+    assert logits["value"] >= 0.99  # measured 0.9993 (weight-only 0.9997, plain W8A8 0.9992)
