@@ -118,9 +118,9 @@ def make_scene(rng: random.Random, max_shapes: int = MAX_SHAPES, grow: float = 1
             scale = _tile_scale(width, height)
         background = tuple(rng.randint(225, 255) for _ in range(3))
         taken: list[tuple[int, int, int, int]] = []
-        # The digit first, so that it always fits: 100-150 tile px high.
+        # The digit first, so that it always fits: 130-190 tile px high.
         text = rng.choice(DIGITS)
-        font_size = max(12, round(rng.uniform(100, 150) / scale))
+        font_size = max(12, round(rng.uniform(130, 190) / scale))
         x0, y0, x1, y1 = ImageDraw.Draw(Image.new("RGB", (1, 1))).textbbox((0, 0), text, font=_font(font_size))
         gap = max(6, round(16 / scale))
         box = _place(rng, width, height, (x1 - x0, y1 - y0), taken, gap)
@@ -130,13 +130,17 @@ def make_scene(rng: random.Random, max_shapes: int = MAX_SHAPES, grow: float = 1
         text_xy = (box[0] - x0, box[1] - y0)
         items = []
         count = rng.randint(max_shapes // 2 if tile_view else 1, max_shapes)
-        for colour in rng.sample(list(COLOURS), count):  # one object per colour: "the red object" is unique
+        # A scene shows copies of one shape in one colour (questions about the scene have one answer); the
+        # vision pretraining's tiles mix shapes and colours, one object per colour.
+        kinds = [(rng.choice(SHAPES), c) for c in rng.sample(list(COLOURS), count)] if tile_view else \
+            [(rng.choice(SHAPES), rng.choice(list(COLOURS)))] * count
+        for shape, colour in kinds:
             side = round(rng.uniform(110, 190) * grow / scale)  # 3.4 to 6 patches of 32 px at grow 1
             box = _place(rng, width, height, (side, side), taken, gap)
             if box is None:
                 break
             taken.append(box)
-            items.append(Item(rng.choice(SHAPES), colour, box))
+            items.append(Item(shape, colour, box))
         if items:
             return Scene(width, height, background, tuple(items), text, text_xy, font_size)
 
@@ -191,28 +195,24 @@ class Fact:
 
 
 def facts(scene: Scene, kind: str) -> list[Fact]:
-    """Every fact of `kind` that the scene answers unambiguously."""
+    """Every fact of `kind` that the scene answers unambiguously (its objects share one shape and one colour)."""
     items = scene.items
-    shapes = [i.shape for i in items]
-    out: list[Fact] = []  # colours are unique within a scene (make_scene), so "the red object" is one object
+    shape, colour, n = items[0].shape, items[0].colour, len(items)
+    out: list[Fact] = []
     if kind == "colour":
-        for item in items:
-            if shapes.count(item.shape) == 1:
-                s = item.shape
-                out.append(Fact((f"What colour is the {s}?", f"What color is the {s}?", f"Which colour does the {s} have?"), item.colour))
+        if n == 1:
+            out.append(Fact((f"What colour is the {shape}?", f"What color is the {shape}?", "Which colour is the shape?"), colour))
+        else:
+            out.append(Fact((f"What colour are the {shape}s?", f"What color are the {shape}s?", "Which colour are the shapes?"), colour))
     elif kind == "shape":
-        for item in items:
-            c = item.colour
-            out.append(Fact((f"What shape is the {c} object?", f"Which shape is {c}?", f"What is the shape of the {c} object?"), item.shape))
+        out.append(Fact((f"What shape is {colour}?", "What shape is drawn?", "Which shape can you see?"), shape))
     elif kind == "count":
-        out.append(Fact(("How many shapes are there?", "How many shapes are in the image?", "Count the shapes in the picture."), str(len(items))))
-        for shape in sorted(set(shapes)):
-            out.append(Fact((f"How many {shape}s are there?", f"How many {shape}s can you see?"), str(shapes.count(shape))))
+        out.append(Fact(("How many shapes are there?", f"How many {shape}s are there?", f"Count the {colour} shapes."), str(n)))
     elif kind == "position":
-        for item in items:
-            name = f"{item.colour} {item.shape}"
-            cx, cy = item.centre
+        if n == 1:
+            cx, cy = items[0].centre
             dx, dy = cx / scene.width - 0.5, cy / scene.height - 0.5
+            name = f"{colour} {shape}"
             if abs(dx) > 0.15:  # clearly off the middle, so that the answer is not a matter of pixels
                 out.append(Fact((f"Is the {name} on the left or the right?", f"Is the {name} on the right or the left side of the image?"), "left" if dx < 0 else "right"))
             if abs(dy) > 0.15:

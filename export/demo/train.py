@@ -254,9 +254,14 @@ def train(
     aux_weight: float = 0.5,
     log_every: int = 20,
     save_every: int = 250,
+    init: Path | None = None,
+    first_seed: int = 0,
 ) -> Path:
+    """Train and write the checkpoint to out_dir. `init`: continue from a checkpoint this script wrote (its
+    weights; fresh optimizer and region heads), usually with vision_steps=0 and `first_seed` past the seeds its
+    run used, so that the continuation sees new examples."""
     torch.manual_seed(seed)
-    if steps * batch_size + vision_steps * vision_batch_size > data.HELDOUT_SEED:
+    if first_seed + steps * batch_size + vision_steps * vision_batch_size > data.HELDOUT_SEED:
         raise ValueError("training would use held-out seeds: fewer steps or smaller batches")
     out_dir.mkdir(parents=True, exist_ok=True)
     specials = write_tokenizer(out_dir)
@@ -265,8 +270,15 @@ def train(
     text = config["llm_config"]
     text.update(vocab_size=max(specials.values()) + 1, bos_token_id=specials["<|endoftext|>"], eos_token_id=specials["<|im_end|>"])
     spec = ModelSpec.from_config(config)
-    model = random_model(spec, specials["<IMG_CONTEXT>"], seed).train()
-    init_vision_embeddings_(model, torch.Generator().manual_seed(seed))
+    if init is None:
+        model = random_model(spec, specials["<IMG_CONTEXT>"], seed).train()
+        init_vision_embeddings_(model, torch.Generator().manual_seed(seed))
+    else:
+        from ..checkpoint import load
+
+        model = load(Path(init)).model.train().requires_grad_(True)  # load() gives an inference model
+        if model.config.text_config.vocab_size != config["llm_config"]["vocab_size"]:
+            raise ValueError(f"{init} was trained with another tokenizer")
     model.config._attn_implementation = "sdpa"
     params = sum(p.numel() for p in model.parameters())
     print(f"demo model: {params / 1e6:.2f}M parameters, {spec.num_image_tokens} image tokens per tile", flush=True)
@@ -283,8 +295,9 @@ def train(
     for step in range(steps):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, steps, lr, warmup)
-        seeds = range(step * batch_size, (step + 1) * batch_size)
-        batch, kinds, targets = make_batch(seeds, tokenizer, spec, max_turns, specials["<|endoftext|>"], curriculum(step, steps))
+        seeds = range(first_seed + step * batch_size, first_seed + (step + 1) * batch_size)
+        difficulty = curriculum(step, steps) if init is None else (data.MAX_SHAPES, 1.0)  # a continuation: no ramp
+        batch, kinds, targets = make_batch(seeds, tokenizer, spec, max_turns, specials["<|endoftext|>"], difficulty)
         image_embeds.clear()
         out = model(**batch)
         aux = heads.loss(image_embeds[0], targets)
@@ -304,7 +317,7 @@ def train(
                 counts[kind][1] += 1
         meter.add({"loss": out.loss.item(), "aux": aux.item()}, {k: tuple(v) for k, v in counts.items()})
         if (step + 1) % log_every == 0 or step + 1 == steps:
-            shapes, grow = curriculum(step, steps)
+            shapes, grow = difficulty
             print(
                 f"step {step + 1}/{steps} {meter.line()} | lr {optimizer.param_groups[0]['lr']:.2e} shapes<={shapes} "
                 f"x{grow:.2f} | {(time.time() - start) / 60:.1f} min",
@@ -329,6 +342,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="weights as saved")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (leave a core for others)")
+    parser.add_argument("--init", type=Path, default=None, help="continue from this checkpoint's weights")
+    parser.add_argument("--first-seed", type=int, default=0, help="first training seed of stage 2")
+    parser.add_argument("--warmup", type=int, default=100)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     train(
@@ -340,6 +356,9 @@ def main(argv: list[str] | None = None) -> None:
         lr=args.lr,
         seed=args.seed,
         dtype=getattr(torch, args.dtype),
+        init=args.init,
+        first_seed=args.first_seed,
+        warmup=args.warmup,
     )
 
 
