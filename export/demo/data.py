@@ -4,8 +4,9 @@ Every example comes from one integer seed, so the data set is a function, not a 
 below HELDOUT_SEED; the held-out set is `heldout(n)`, seeds HELDOUT_SEED + i, never seen in training.
 Images are large and oddly shaped (300-1600 px a side, aspect ratios 1:3 to 3:1) so that the reference's
 dynamic tiling cuts them into several tiles plus a thumbnail; shapes are sized in *tile* pixels so that each
-one spans three to six 32-px patches of the tile it lands in, whatever the image's size. Up to four shapes, one
-per colour, and a digit: a task a 3M-parameter model learns on two CPU cores in well under an hour.
+one spans three to six 32-px patches of the tile it lands in, whatever the image's size. A scene shows one to
+three copies of one shape in one colour, and a digit: a task a 3M-parameter model learns on two CPU cores in
+about an hour.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ SHAPES = ("circle", "square", "triangle")
 DIGITS = tuple("0123456789")
 TEXT_COLOUR = (20, 20, 20)
 KINDS = ("colour", "shape", "count", "position", "text")
-MAX_SHAPES = 4
+MAX_SHAPES = 3
 
 
 @dataclass(frozen=True)
