@@ -1,10 +1,9 @@
-"""The demo model: a small InternVL2.5 to be trained here on synthetic visual questions.
+"""The demo model: a small InternVL2.5 trained here on synthetic visual questions.
 
-CHECKPOINT is where the trained checkpoint goes (the original OpenGVLab layout: config.json, model.safetensors
-and the slow tokenizer files); EXAMPLES are images drawn by data.py with a question each and its correct answer.
-Neither is shipped yet: the training runs so far (two CPU cores, under an hour each) stay well below the 95%
-held-out accuracy a shipped demo needs. `python -m vl_export.export.demo.train` trains one,
-`python -m vl_export.export.demo.evaluate` measures it in PyTorch or through the runtime.
+CHECKPOINT is the trained checkpoint in the original OpenGVLab layout (config.json, model.safetensors and the
+slow tokenizer files); EXAMPLES are images drawn by data.py with a question each and its correct answer.
+`python -m vl_export.export.demo.train` retrains it, `python -m vl_export.export.demo.evaluate` measures it in
+PyTorch or through the runtime.
 """
 
 from __future__ import annotations

@@ -1,0 +1,111 @@
+"""The shipped demo model does its task: held-out accuracy in PyTorch fp32 and through the runtime (ONNX Runtime
+fp32 and INT8 bundles), every shipped example answered, and the README's quick start doing what it says."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vl_export.export.demo import CHECKPOINT, EXAMPLES, IMAGES, data
+from vl_export.export.demo.evaluate import Answerer, BundleAnswerer, evaluate, is_correct
+
+REPO = Path(__file__).resolve().parents[1]
+HELDOUT = 60  # 12 per question kind; the README's table uses more (python -m vl_export.export.demo.evaluate)
+
+
+@pytest.fixture(scope="module")
+def answerer() -> Answerer:
+    return Answerer.from_path(CHECKPOINT)
+
+
+@pytest.fixture(scope="module")
+def pytorch_report(answerer):
+    return evaluate(answerer, data.heldout(HELDOUT), max_new_tokens=4)
+
+
+def test_demo_checkpoint_is_a_small_original_layout_internvl(answerer):
+    spec = answerer.checkpoint.spec
+    assert spec.layout == "original"
+    assert (spec.image_size, spec.max_dynamic_patch, spec.use_thumbnail) == (448, data.MAX_TILES, True)
+    size = sum(f.stat().st_size for f in CHECKPOINT.iterdir())
+    assert size <= 8 * 2**20, f"the demo checkpoint is {size / 2**20:.1f} MiB"
+
+
+def test_demo_model_answers_heldout_questions(pytorch_report):
+    report = pytorch_report
+    assert sum(report.total.values()) == HELDOUT and set(report.total) == set(data.KINDS)
+    assert report.accuracy >= 0.95, f"held-out accuracy {report.accuracy:.1%}\n{report.table()}\n{report.mistakes}"
+
+
+def test_examples_list_matches_the_generator():
+    from PIL import Image
+
+    listing = json.loads((IMAGES / "examples.json").read_text())
+    assert len(EXAMPLES) == len(listing) >= 3
+    assert all(entry["seed"] >= data.HELDOUT_SEED for entry in listing), "examples come from held-out seeds"
+    for entry, example in zip(listing, EXAMPLES):
+        regenerated = data.example(entry["seed"], entry["kind"])
+        assert (regenerated.question, regenerated.answer) == (example.question, example.answer)
+        with Image.open(example.image) as shipped:
+            assert shipped.size == regenerated.image.size
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda e: e.image.stem)
+def test_demo_model_answers_shipped_example(answerer, example):
+    got = answerer(example.image, example.question)
+    assert is_correct(got, example.answer), f"{example.image.name}: {example.question!r} -> {got!r}, expected {example.answer!r}"
+
+
+@pytest.fixture(scope="module")
+def demo_bundles(tmp_path_factory):
+    """fp32 and int8 bundles of the demo model, built by `vl-export build` as a user builds them."""
+    from vl_export.cli import main
+
+    root = tmp_path_factory.mktemp("demo-bundles")
+    for precision in ("fp32", "int8"):
+        assert main(["build", "--model", "demo", "--out", str(root / precision), "--precision", precision]) == 0
+    return root
+
+
+def test_runtime_fp32_gives_pytorch_answers_and_int8_stays_within_two_points(demo_bundles, pytorch_report):
+    fp32 = evaluate(BundleAnswerer(demo_bundles / "fp32"), data.heldout(HELDOUT), max_new_tokens=4)
+    assert fp32.mistakes == pytorch_report.mistakes, "ONNX Runtime fp32 must give PyTorch's answers, mistakes included"
+    assert fp32.correct == pytorch_report.correct
+    int8 = evaluate(BundleAnswerer(demo_bundles / "int8"), data.heldout(HELDOUT), max_new_tokens=4)
+    assert int8.accuracy >= fp32.accuracy - 0.02, f"int8 {int8.accuracy:.1%} vs fp32 {fp32.accuracy:.1%}\n{int8.table()}"
+
+
+def quick_start_commands() -> list[str]:
+    """The `vl-export ...` steps of the README quick start's first command (the install step is the test env)."""
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("## Quick start", 1)[1]
+    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1).strip().splitlines()
+    assert len(block) == 2, "the quick start is exactly two commands"
+    steps = [s.strip() for s in block[0].split("&&")]
+    return [s for s in steps if s.startswith("vl-export ")]
+
+
+def test_quick_start_main_job_builds_and_answers_the_example(tmp_path):
+    commands = quick_start_commands()
+    assert [c.split()[1] for c in commands] == ["build", "run"]
+    (tmp_path / "export").symlink_to(REPO / "export")  # the README's paths are relative to the checkout
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    outputs = []
+    for command in commands:
+        done = subprocess.run(shlex.split(command), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, f"{command}\n{done.stderr[-3000:]}"
+        outputs.append(done.stdout + done.stderr)
+    build_out, answer = outputs
+    assert re.search(r"\bPASSED\b", build_out), build_out[-2000:]  # the build's accuracy check against PyTorch
+    run_args = shlex.split(commands[1])
+    image = Path(run_args[run_args.index("--image") + 1]).name
+    example = next(e for e in EXAMPLES if e.image.name == image)
+    assert run_args[run_args.index("--prompt") + 1] == example.question
+    assert is_correct(answer.strip().splitlines()[-1], example.answer), answer
