@@ -115,17 +115,24 @@ def quantize_bundle(staging: Path, manifest: Manifest, source_sha: str, data, co
         variant = f"{role}-smoothquant" if smooth else role  # a smoothed graph has other activation ranges
         cache = cache_dir / f"{source_sha[:16]}-{variant}-{method}-{data_sha[:16]}.json"
 
-        def make(src: Path, dst: Path) -> None:
-            if smooth:  # the smoothed fp32 graph replaces src for calibration and Q/DQ
-                from vl_export.calibration import smoothquant
-
-                smoothed = src.with_name(src.stem + ".smoothed.onnx")
-                smoothquant.smooth(src, smoothed, feeds)
-                src = smoothed
+        def quantize_w8a8(src: Path, dst: Path, feeds) -> None:
             if quantize.w8a8(src, dst, feeds, method, cache):
                 reused.append(role)
-            if smooth:
-                for path in src.parent.glob(src.name + "*"):
+
+        def make(src: Path, dst: Path) -> None:
+            if not smooth:
+                return quantize_w8a8(src, dst, feeds)
+            # The smoothed fp32 graph replaces src for calibration and Q/DQ; both passes read the same inputs,
+            # so the feeds (which run the vision encoder) are computed once.
+            from vl_export.calibration import smoothquant
+
+            once = list(feeds())
+            smoothed = src.with_name(src.stem + ".smoothed.onnx")
+            try:
+                smoothquant.smooth(src, smoothed, lambda: iter(once))
+                quantize_w8a8(smoothed, dst, lambda: iter(once))
+            finally:
+                for path in smoothed.parent.glob(smoothed.name + "*"):
                     path.unlink()
 
         return make

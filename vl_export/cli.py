@@ -44,9 +44,8 @@ def _generation(args: argparse.Namespace):
                             top_k=0 if args.top_k is None else args.top_k, **options)
 
 
-def _pipeline(args: argparse.Namespace):
-    from vl_export.runtime import Pipeline
-
+def _backend_options(args: argparse.Namespace) -> dict:
+    """--option key=value pairs, with --threads and --device on top."""
     from vl_export.runtime.bench import parse_options
 
     options = parse_options(args.option)
@@ -54,7 +53,13 @@ def _pipeline(args: argparse.Namespace):
         options["threads"] = args.threads
     if args.device:
         options["device"] = args.device
-    return Pipeline.from_bundle(args.bundle, backend=args.backend, **options)
+    return options
+
+
+def _pipeline(args: argparse.Namespace):
+    from vl_export.runtime import Pipeline
+
+    return Pipeline.from_bundle(args.bundle, backend=args.backend, **_backend_options(args))
 
 
 @command("run")
@@ -130,11 +135,7 @@ def _verify(args: argparse.Namespace) -> int:
     prompts = None
     if args.prompts:
         prompts = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
-    options = parse_options(args.option)
-    if args.threads:
-        options["threads"] = args.threads
-    if args.device:
-        options["device"] = args.device
+    options = _backend_options(args)
     thresholds = {k: float(v) for k, v in parse_options(args.threshold).items()}
     report = verify_bundle(Path(args.bundle), args.model, args.image, prompts, args.new_tokens, args.backend,
                            thresholds, **options)

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from vl_export.runtime import GenerationConfig, Pipeline
 from vl_export.runtime.preprocess import preprocess
 from vl_export.runtime.prompt import IM_END, clean_response, expand_images, render, with_placeholders
 
@@ -64,17 +65,11 @@ class BundleAnswerer:
     """The same questions through the runtime: a bundle on a backend, greedy."""
 
     def __init__(self, bundle: Path, backend: str = "onnxruntime", **backend_options):
-        from vl_export.runtime import Pipeline
-        from vl_export.runtime.sampling import GenerationConfig
-
         self.pipeline = Pipeline.from_bundle(bundle, backend=backend, **backend_options)
-        self.generation = GenerationConfig
-        self.token_ids: list[list[int]] = []  # every answer's token ids, in order
 
     def __call__(self, image: Image.Image | Path | str, question: str, max_new_tokens: int = 8) -> str:
-        result = self.pipeline.chat(question, images=[image], generation=self.generation(max_new_tokens=max_new_tokens))
-        self.token_ids.append(list(result.token_ids))
-        return result.text
+        generation = GenerationConfig(max_new_tokens=max_new_tokens)
+        return self.pipeline.chat(question, images=[image], generation=generation).text
 
 
 @dataclass

@@ -144,14 +144,18 @@ def make_batch(seeds, tokenizer, spec: ModelSpec, max_turns: int, pad_id: int, d
         mask[b, : len(ids)] = 1
         kinds.append(kind + [None] * (length - len(ids)))
     batch = {"input_ids": input_ids, "attention_mask": mask, "labels": labels, "pixel_values": torch.cat(pixel_values)}
-    targets = {name: torch.cat([t[name] for t in region_targets]) for name in region_targets[0]}
-    return batch, kinds, targets
+    return batch, kinds, concat_targets(region_targets)
+
+
+def concat_targets(per_image: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Region targets of several images, their tiles concatenated in order as the pixel values are."""
+    return {name: torch.cat([t[name] for t in per_image]) for name in per_image[0]}
 
 
 def curriculum(step: int, steps: int) -> tuple[int, float]:
     """(most shapes per scene, shape size factor). From scratch, the decoder first has to find that the answer
     is in the image at all; a few large shapes make that signal strong. Training starts with one shape twice
-    the normal size, and reaches the evaluated distribution (up to six shapes, size 1) at 40% of the steps."""
+    the normal size, and reaches the evaluated distribution (up to MAX_SHAPES, size 1) at 40% of the steps."""
     ramp = min(1.0, max(0.0, (step / steps - 0.1) / 0.3))
     return 1 + math.floor(ramp * (data.MAX_SHAPES - 1) + 1e-9), 2.0 - ramp
 
@@ -191,7 +195,7 @@ def tile_view_batch(seeds, spec: ModelSpec):
         scene = data.make_scene(random.Random(seed), max_shapes=len(data.COLOURS), tile_view=True)
         pixel_values.append(torch.from_numpy(preprocess(data.render(scene), tiling(one_tile))))
         region_targets.append(regions.targets(scene, one_tile))
-    return torch.cat(pixel_values), {name: torch.cat([t[name] for t in region_targets]) for name in region_targets[0]}
+    return torch.cat(pixel_values), concat_targets(region_targets)
 
 
 class Meter:
