@@ -166,11 +166,17 @@ class Decoder(nn.Module):
         v = heads(_linear(x, attn.v_proj), self.num_kv_heads)
         key = torch.cat([past_key, k.to(self.kv_dtype)], dim=2)  # (b, kv_heads, past+s, d)
         value = torch.cat([past_value, v.to(self.kv_dtype)], dim=2)
+        # Grouped-query attention without repeating the cache: the `groups` query heads that share a KV head are
+        # stacked along the sequence axis, (b, kv_heads, groups*s, d), and meet that head's keys in one matmul.
+        # Repeating K and V to all heads instead materialises groups x the cache at every step (7x for Qwen2.5-
+        # 0.5B), which dominated decode time at long contexts (OpenVINO: 9 tok/s at 1,900 tokens of context).
         groups = self.num_heads // self.num_kv_heads
-        k_all, v_all = _repeat_kv(key, groups), _repeat_kv(value, groups)  # (b, heads, past+s, d)
-        scores = torch.matmul(q.to(k_all.dtype), k_all.transpose(2, 3)) * attn.scaling  # (b, heads, s, past+s)
-        probs = torch.softmax(scores.float() + mask, dim=-1).to(v_all.dtype)
-        out = torch.matmul(probs, v_all).transpose(1, 2).reshape(b, s, -1)  # (b, s, heads*d)
+        q = (q * attn.scaling).reshape(b, self.num_kv_heads, groups * s, self.head_dim).to(key.dtype)
+        scores = torch.matmul(q, key.transpose(2, 3)).float()  # (b, kv_heads, groups*s, past+s)
+        scores = scores.reshape(b, self.num_kv_heads, groups, s, -1) + mask.unsqueeze(2)  # mask (b, 1, 1, s, past+s)
+        probs = torch.softmax(scores, dim=-1).reshape(b, self.num_kv_heads, groups * s, -1).to(value.dtype)
+        out = torch.matmul(probs, value).reshape(b, self.num_heads, s, self.head_dim)  # (b, heads, s, d)
+        out = out.transpose(1, 2).reshape(b, s, -1)  # (b, s, heads*d)
         return _linear(out, attn.o_proj), key, value
 
 
@@ -178,10 +184,3 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos + rotated * sin
-
-
-def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
-    if groups == 1:
-        return x
-    b, n, length, d = x.shape
-    return x.unsqueeze(2).expand(b, n, groups, length, d).reshape(b, n * groups, length, d)

@@ -104,3 +104,32 @@ def test_demo_model_without_a_shipped_checkpoint_is_one_clear_line():
     with pytest.raises(CheckpointError) as error:
         resolve("demo")
     assert "python -m vl_export.export.demo.train" in str(error.value) and "\n" not in str(error.value)
+
+def test_head_warmup_leaves_the_model_alone(tmp_path):
+    """A continuation's fresh region heads are fitted on frozen features first: the model's weights do not move."""
+    from vl_export.export.demo.train import train
+
+    out = train(tmp_path / "ckpt", steps=1, vision_steps=1, batch_size=1, vision_batch_size=1, max_turns=2, log_every=1)
+    warmed = train(tmp_path / "warm", steps=0, vision_steps=0, head_warmup=2, init=out, first_seed=100, log_every=1)
+    before, after = load(out).model.state_dict(), load(warmed).model.state_dict()
+    assert max(float((after[k] - before[k]).abs().max()) for k in before) == 0
+
+
+def test_answer_loss_is_the_mean_cross_entropy_and_weights_kinds():
+    import torch
+
+    from vl_export.export.demo.train import answer_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 6, 11)
+    labels = torch.tensor([[-100, -100, 3, 4, -100, -100], [-100, 5, 6, 7, 8, -100]])
+    kinds = [[None, None, "count", "count", None, None], [None, "text", "text", "position", "position", None]]
+    # Unweighted: the mean next-token cross-entropy over labelled tokens, as transformers computes it.
+    expected = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1), ignore_index=-100)
+    assert torch.allclose(answer_loss(logits, labels, kinds, {}), expected)
+    # Weighted: each labelled token's loss times its kind's weight, over the summed weights.
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1), ignore_index=-100, reduction="none")
+    weights = torch.tensor([0, 3, 3, 0, 0, 1, 1, 3, 3, 0], dtype=torch.float32)  # count x3, position x3, text x1
+    weighted = answer_loss(logits, labels, kinds, {"count": 3.0, "position": 3.0})
+    assert torch.allclose(weighted, (nll * weights).sum() / weights.sum())
+    assert not torch.allclose(weighted, expected)

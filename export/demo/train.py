@@ -173,6 +173,17 @@ def init_vision_embeddings_(model, generator: torch.Generator) -> None:
         embeddings.cls_token.normal_(0.0, 0.5, generator=generator)
 
 
+def answer_loss(logits: torch.Tensor, labels: torch.Tensor, kinds: list[list[str | None]], kind_weights: dict[str, float]) -> torch.Tensor:
+    """Next-token cross-entropy on the labelled tokens, each weighted by its question kind's weight (default 1),
+    normalised by the total weight: with no weights, the mean that transformers' own loss computes."""
+    log_p = torch.log_softmax(logits[:, :-1].float(), -1)
+    target = labels[:, 1:]
+    labelled = target != -100
+    nll = -log_p.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    weight = torch.tensor([[kind_weights.get(k, 1.0) if k else 0.0 for k in row[1:]] for row in kinds]) * labelled
+    return (nll * weight).sum() / weight.sum()
+
+
 def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -220,11 +231,18 @@ class Meter:
         return f"{means} | acc {accuracy}"
 
 
-def pretrain_vision(model, heads: regions.RegionHeads, spec: ModelSpec, steps: int, lr: float, batch_size: int, log_every: int) -> None:
+def pretrain_vision(
+    model, heads: regions.RegionHeads, spec: ModelSpec, steps: int, lr: float, batch_size: int, log_every: int, heads_only: bool = False
+) -> None:
     """Stage 1: the vision tower and projector alone, on the region targets of densely packed single tiles.
     Four times cheaper per tile than stage 2 and several times denser in shapes, it gives stage 2 image
-    features in which colours, shapes and text can already be told apart."""
-    named = [*model.model.vision_tower.named_parameters(), *model.model.multi_modal_projector.named_parameters(), *heads.named_parameters()]
+    features in which colours, shapes and text can already be told apart.
+
+    `heads_only`: train the region heads alone on frozen features (a continuation's fresh heads, so that their
+    random start does not push the trained features around through the auxiliary loss)."""
+    named = [*heads.named_parameters()]
+    if not heads_only:
+        named += [*model.model.vision_tower.named_parameters(), *model.model.multi_modal_projector.named_parameters()]
     optimizer = make_optimizer(named, lr)
     start, meter = time.time(), Meter()
     for step in range(steps):
@@ -240,7 +258,7 @@ def pretrain_vision(model, heads: regions.RegionHeads, spec: ModelSpec, steps: i
         optimizer.zero_grad(set_to_none=True)
         meter.add({"aux": loss.item()}, heads.accuracy(embeds.detach(), targets))
         if (step + 1) % log_every == 0 or step + 1 == steps:
-            print(f"vision {step + 1}/{steps} {meter.line()} | {(time.time() - start) / 60:.1f} min", flush=True)
+            print(f"{'heads' if heads_only else 'vision'} {step + 1}/{steps} {meter.line()} | {(time.time() - start) / 60:.1f} min", flush=True)
             meter = Meter()
 
 
@@ -260,10 +278,13 @@ def train(
     save_every: int = 250,
     init: Path | None = None,
     first_seed: int = 0,
+    head_warmup: int = 0,
+    kind_weights: dict[str, float] | None = None,
 ) -> Path:
     """Train and write the checkpoint to out_dir. `init`: continue from a checkpoint this script wrote (its
     weights; fresh optimizer and region heads), usually with vision_steps=0 and `first_seed` past the seeds its
-    run used, so that the continuation sees new examples."""
+    run used, so that the continuation sees new examples; `head_warmup` steps then fit the fresh heads alone.
+    `kind_weights`: loss weight of the answer tokens of a question kind (default 1), for the kinds that lag."""
     torch.manual_seed(seed)
     if first_seed + steps * batch_size + vision_steps * vision_batch_size > data.HELDOUT_SEED:
         raise ValueError("training would use held-out seeds: fewer steps or smaller batches")
@@ -289,6 +310,10 @@ def train(
     heads = regions.RegionHeads(spec.text.hidden_size, spec.vision.grid // spec.shuffle_factor)
     start = time.time()
     pretrain_vision(model, heads, spec, vision_steps, lr, vision_batch_size, log_every)
+    if head_warmup:
+        model.requires_grad_(False)
+        pretrain_vision(model, heads, spec, head_warmup, lr, vision_batch_size, log_every, heads_only=True)
+        model.requires_grad_(True)
 
     # Stage 2: the whole model on conversations, the region loss kept on as a regulariser of the features.
     image_embeds = []  # the projector's output of the current step, (tiles, tokens, hidden)
@@ -303,23 +328,25 @@ def train(
         difficulty = curriculum(step, steps) if init is None else (data.MAX_SHAPES, 1.0)  # a continuation: no ramp
         batch, kinds, targets = make_batch(seeds, tokenizer, spec, max_turns, specials["<|endoftext|>"], difficulty)
         image_embeds.clear()
+        labels = batch.pop("labels")
         out = model(**batch)
+        loss = answer_loss(out.logits, labels, kinds, kind_weights or {})
         aux = heads.loss(image_embeds[0], targets)
-        (out.loss + aux_weight * aux).backward()
+        (loss + aux_weight * aux).backward()
         torch.nn.utils.clip_grad_norm_([p for _, p in named], 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
         with torch.no_grad():  # answer-token accuracy per kind: the logits at t predict the token at t + 1
             predicted = out.logits[:, :-1].argmax(-1)
-            target = batch["labels"][:, 1:]
+            target = labels[:, 1:]
             counts: dict[str, list[int]] = {k: [0, 0] for k in data.KINDS}
             answers = (target != -100) & (target != specials["<|im_end|>"])
             for b, t in zip(*torch.nonzero(answers, as_tuple=True)):
                 kind = kinds[b][t + 1]
                 counts[kind][0] += int(predicted[b, t] == target[b, t])
                 counts[kind][1] += 1
-        meter.add({"loss": out.loss.item(), "aux": aux.item()}, {k: tuple(v) for k, v in counts.items()})
+        meter.add({"loss": loss.item(), "aux": aux.item()}, {k: tuple(v) for k, v in counts.items()})
         if (step + 1) % log_every == 0 or step + 1 == steps:
             shapes, grow = difficulty
             print(
@@ -349,7 +376,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--init", type=Path, default=None, help="continue from this checkpoint's weights")
     parser.add_argument("--first-seed", type=int, default=0, help="first training seed of stage 2")
     parser.add_argument("--warmup", type=int, default=100)
+    parser.add_argument("--head-warmup", type=int, default=0, help="steps fitting fresh region heads alone before stage 2")
+    parser.add_argument("--kind-weight", action="append", default=[], metavar="KIND=W", help="loss weight of a question kind's answers")
     args = parser.parse_args(argv)
+    kind_weights = {}
+    for item in args.kind_weight:
+        kind, _, weight = item.partition("=")
+        if kind not in data.KINDS or not weight:
+            parser.error(f"--kind-weight {item!r}: expected KIND=W with KIND one of {', '.join(data.KINDS)}")
+        kind_weights[kind] = float(weight)
     torch.set_num_threads(args.threads)
     train(
         args.out,
@@ -363,6 +398,8 @@ def main(argv: list[str] | None = None) -> None:
         init=args.init,
         first_seed=args.first_seed,
         warmup=args.warmup,
+        head_warmup=args.head_warmup,
+        kind_weights=kind_weights,
     )
 
 
