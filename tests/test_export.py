@@ -158,6 +158,29 @@ def test_fp16_graphs_hold_fp16_matmuls_and_fp32_norms(bundle_fp16):
     assert norms and all(types.get(n.input[0]) == onnx.TensorProto.FLOAT for n in norms)
 
 
+def test_decoder_attention_does_not_repeat_the_kv_cache(tiny, bundle_fp32):
+    """Regression: the graph used to expand K and V from the KV heads to all query heads at every step, a copy of
+    groups x the cache that took most of a decode step at long contexts. Between the cache inputs and the
+    attention matmuls that read them there must be no Expand or Tile."""
+    graph = onnx.load(str(bundle_fp32 / "decoder.onnx")).graph
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    assert tiny["spec"].text.num_kv_heads < tiny["spec"].text.num_heads, "the tiny model must use grouped-query attention"
+    reached, frontier, matmuls = [], list(kv_names(tiny["spec"].text.num_layers, "past_key_values")), 0
+    while frontier:
+        for node in consumers.get(frontier.pop(), []):
+            if node.op_type == "MatMul":  # the attention matmul: the cache has arrived, stop here
+                matmuls += 1
+                continue
+            if node.op_type == "Shape":  # reads the past length, not the cache's values
+                continue
+            reached.append(node.op_type)
+            frontier.extend(node.output)
+    assert matmuls == 2 * tiny["spec"].text.num_layers  # every K and V reaches its attention matmul
+    assert not {"Expand", "Tile"} & set(reached), reached
+
 # --- the two layouts ------------------------------------------------------------------------------------------
 
 

@@ -116,6 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--bundle", type=Path, help="run this bundle through the runtime instead")
     parser.add_argument("--backend", default="onnxruntime", help="the bundle's backend")
     parser.add_argument("-n", type=int, default=250, help="held-out examples (balanced over the question kinds)")
+    parser.add_argument("--start", type=int, default=0, help="first held-out index (keep validation and test ranges apart)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -124,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
         answerer = BundleAnswerer(args.bundle, args.backend, threads=args.threads)
     else:
         answerer = Answerer.from_path(args.checkpoint)
-    report = evaluate(answerer, data.heldout(args.n))
+    report = evaluate(answerer, data.heldout(args.n, args.start))
     print(report.table())
     for seed, question, answer, got in report.mistakes:
         print(f"  seed {seed}: {question!r} expected {answer!r}, got {got!r}")
