@@ -133,3 +133,12 @@ def test_answer_loss_is_the_mean_cross_entropy_and_weights_kinds():
     weighted = answer_loss(logits, labels, kinds, {"count": 3.0, "position": 3.0})
     assert torch.allclose(weighted, (nll * weights).sum() / weights.sum())
     assert not torch.allclose(weighted, expected)
+
+
+def test_scene_weights_draw_more_scenes_of_a_kind():
+    weighted = [data.conversation(seed, 1, scene_weights={"position": 20.0})[1][0][2] for seed in range(60)]
+    even = [data.conversation(seed, 1)[1][0][2] for seed in range(60)]
+    assert weighted.count("position") > 45  # 20/24 expected
+    assert even.count("position") < 25  # 1/5 expected
+    scene, turns = data.conversation(7, 10, scene_weights={"position": 20.0})
+    assert len(scene.items) == 1 and turns[0][2] == "position"  # a position question needs one object

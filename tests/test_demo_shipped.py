@@ -17,11 +17,11 @@ from vl_export.export.demo import CHECKPOINT, EXAMPLES, IMAGES, data
 from vl_export.export.demo.evaluate import Answerer, BundleAnswerer, evaluate, is_correct
 
 REPO = Path(__file__).resolve().parents[1]
-HELDOUT = 60  # 12 per question kind; the README's table uses more (python -m vl_export.export.demo.evaluate)
-# Held-out seeds 500.. were never looked at while deciding when to stop training (the first 250 were), so they
-# measure the model without that bias: 91.7% here, 92.0% on seeds 250..499. The issue asks 95%: not met yet.
-FRESH = 500
-MIN_ACCURACY = 0.90
+# The test range of held-out seeds: never used while training or choosing the checkpoint (validation used seeds
+# 1000..1749), measured once on the shipped checkpoint: 95.6% (README). The issue's bar is 95%.
+TEST_START, TEST_N = 3000, 500  # 100 per question kind
+PARITY_N = 100  # the first 100 of them go through the runtime too (fp32 and INT8 bundles)
+MIN_ACCURACY = 0.95
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def answerer() -> Answerer:
 
 @pytest.fixture(scope="module")
 def pytorch_report(answerer):
-    return evaluate(answerer, data.heldout(HELDOUT, start=FRESH), max_new_tokens=4)
+    return evaluate(answerer, data.heldout(TEST_N, start=TEST_START), max_new_tokens=4)
 
 
 def test_demo_checkpoint_is_a_small_original_layout_internvl(answerer):
@@ -44,7 +44,7 @@ def test_demo_checkpoint_is_a_small_original_layout_internvl(answerer):
 
 def test_demo_model_answers_heldout_questions(pytorch_report):
     report = pytorch_report
-    assert sum(report.total.values()) == HELDOUT and set(report.total) == set(data.KINDS)
+    assert sum(report.total.values()) == TEST_N and set(report.total) == set(data.KINDS)
     assert report.accuracy >= MIN_ACCURACY, f"held-out accuracy {report.accuracy:.1%}\n{report.table()}\n{report.mistakes}"
 
 
@@ -78,11 +78,13 @@ def demo_bundles(tmp_path_factory):
     return root
 
 
-def test_runtime_fp32_gives_pytorch_answers_and_int8_stays_within_two_points(demo_bundles, pytorch_report):
-    fp32 = evaluate(BundleAnswerer(demo_bundles / "fp32"), data.heldout(HELDOUT, start=FRESH), max_new_tokens=4)
-    assert fp32.mistakes == pytorch_report.mistakes, "ONNX Runtime fp32 must give PyTorch's answers, mistakes included"
-    assert fp32.correct == pytorch_report.correct
-    int8 = evaluate(BundleAnswerer(demo_bundles / "int8"), data.heldout(HELDOUT, start=FRESH), max_new_tokens=4)
+def test_runtime_fp32_gives_pytorch_answers_and_int8_stays_within_two_points(demo_bundles, answerer):
+    examples = data.heldout(PARITY_N, start=TEST_START)
+    pytorch = evaluate(answerer, examples, max_new_tokens=4)
+    fp32 = evaluate(BundleAnswerer(demo_bundles / "fp32"), examples, max_new_tokens=4)
+    assert fp32.mistakes == pytorch.mistakes, "ONNX Runtime fp32 must give PyTorch's answers, mistakes included"
+    assert fp32.correct == pytorch.correct
+    int8 = evaluate(BundleAnswerer(demo_bundles / "int8"), examples, max_new_tokens=4)
     assert int8.accuracy >= fp32.accuracy - 0.02, f"int8 {int8.accuracy:.1%} vs fp32 {fp32.accuracy:.1%}\n{int8.table()}"
 
 

@@ -123,12 +123,13 @@ def encode_conversation(tokenizer, turns: list[tuple[str, str, str]], tiles: int
     return encoding.ids, labels, kinds
 
 
-def make_batch(seeds, tokenizer, spec: ModelSpec, max_turns: int, pad_id: int, difficulty=(data.MAX_SHAPES, 1.0)):
+def make_batch(seeds, tokenizer, spec: ModelSpec, max_turns: int, pad_id: int, difficulty=(data.MAX_SHAPES, 1.0),
+               scene_weights: dict[str, float] | None = None):
     """Right-padded ids, mask and labels for one conversation per seed, all tiles concatenated in order, and
     the per-token region targets of those tiles."""
     pixel_values, rows, region_targets = [], [], []
     for seed in seeds:
-        scene, turns = data.conversation(seed, max_turns, *difficulty)
+        scene, turns = data.conversation(seed, max_turns, *difficulty, scene_weights=scene_weights)
         pv = torch.from_numpy(preprocess(data.render(scene), tiling(spec)))  # (tiles, 3, 448, 448)
         pixel_values.append(pv)
         region_targets.append(regions.targets(scene, spec))
@@ -280,11 +281,13 @@ def train(
     first_seed: int = 0,
     head_warmup: int = 0,
     kind_weights: dict[str, float] | None = None,
+    scene_weights: dict[str, float] | None = None,
 ) -> Path:
     """Train and write the checkpoint to out_dir. `init`: continue from a checkpoint this script wrote (its
     weights; fresh optimizer and region heads), usually with vision_steps=0 and `first_seed` past the seeds its
     run used, so that the continuation sees new examples; `head_warmup` steps then fit the fresh heads alone.
-    `kind_weights`: loss weight of the answer tokens of a question kind (default 1), for the kinds that lag."""
+    `kind_weights`: loss weight of the answer tokens of a question kind (default 1), for the kinds that lag;
+    `scene_weights`: how often each kind's scenes are drawn (see data.conversation)."""
     torch.manual_seed(seed)
     if first_seed + steps * batch_size + vision_steps * vision_batch_size > data.HELDOUT_SEED:
         raise ValueError("training would use held-out seeds: fewer steps or smaller batches")
@@ -326,7 +329,7 @@ def train(
             group["lr"] = learning_rate(step, steps, lr, warmup)
         seeds = range(first_seed + step * batch_size, first_seed + (step + 1) * batch_size)
         difficulty = curriculum(step, steps) if init is None else (data.MAX_SHAPES, 1.0)  # a continuation: no ramp
-        batch, kinds, targets = make_batch(seeds, tokenizer, spec, max_turns, specials["<|endoftext|>"], difficulty)
+        batch, kinds, targets = make_batch(seeds, tokenizer, spec, max_turns, specials["<|endoftext|>"], difficulty, scene_weights)
         image_embeds.clear()
         labels = batch.pop("labels")
         out = model(**batch)
@@ -378,13 +381,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--head-warmup", type=int, default=0, help="steps fitting fresh region heads alone before stage 2")
     parser.add_argument("--kind-weight", action="append", default=[], metavar="KIND=W", help="loss weight of a question kind's answers")
+    parser.add_argument("--scene-weight", action="append", default=[], metavar="KIND=W", help="how often scenes for a question kind are drawn")
     args = parser.parse_args(argv)
-    kind_weights = {}
-    for item in args.kind_weight:
-        kind, _, weight = item.partition("=")
-        if kind not in data.KINDS or not weight:
-            parser.error(f"--kind-weight {item!r}: expected KIND=W with KIND one of {', '.join(data.KINDS)}")
-        kind_weights[kind] = float(weight)
+
+    def weights(items: list[str], flag: str) -> dict[str, float]:
+        out = {}
+        for item in items:
+            kind, _, weight = item.partition("=")
+            if kind not in data.KINDS or not weight:
+                parser.error(f"{flag} {item!r}: expected KIND=W with KIND one of {', '.join(data.KINDS)}")
+            out[kind] = float(weight)
+        return out
+
     torch.set_num_threads(args.threads)
     train(
         args.out,
@@ -399,7 +407,8 @@ def main(argv: list[str] | None = None) -> None:
         first_seed=args.first_seed,
         warmup=args.warmup,
         head_warmup=args.head_warmup,
-        kind_weights=kind_weights,
+        kind_weights=weights(args.kind_weight, "--kind-weight"),
+        scene_weights=weights(args.scene_weight, "--scene-weight"),
     )
 
 
