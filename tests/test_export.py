@@ -181,6 +181,7 @@ def test_decoder_attention_does_not_repeat_the_kv_cache(tiny, bundle_fp32):
     assert matmuls == 2 * tiny["spec"].text.num_layers  # every K and V reaches its attention matmul
     assert not {"Expand", "Tile"} & set(reached), reached
 
+
 # --- the two layouts ------------------------------------------------------------------------------------------
 
 

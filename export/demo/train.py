@@ -251,7 +251,8 @@ def pretrain_vision(
             group["lr"] = learning_rate(step, steps, lr, warmup=30)
         # Seeds from the top of the training range, far from stage 2's.
         pixel_values, targets = tile_view_batch(range(data.HELDOUT_SEED - (step + 1) * batch_size, data.HELDOUT_SEED - step * batch_size), spec)
-        embeds = model.model.get_image_features(pixel_values).pooler_output  # (tiles, tokens, hidden)
+        with torch.set_grad_enabled(not heads_only):  # frozen features: no gradient reaches (or builds up in) the model
+            embeds = model.model.get_image_features(pixel_values).pooler_output  # (tiles, tokens, hidden)
         loss = heads.loss(embeds, targets)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for _, p in named], 1.0)
@@ -314,9 +315,7 @@ def train(
     start = time.time()
     pretrain_vision(model, heads, spec, vision_steps, lr, vision_batch_size, log_every)
     if head_warmup:
-        model.requires_grad_(False)
         pretrain_vision(model, heads, spec, head_warmup, lr, vision_batch_size, log_every, heads_only=True)
-        model.requires_grad_(True)
 
     # Stage 2: the whole model on conversations, the region loss kept on as a regulariser of the features.
     image_embeds = []  # the projector's output of the current step, (tiles, tokens, hidden)
