@@ -146,8 +146,8 @@ class Pipeline:
     def encode_images(self, pixel_values: np.ndarray) -> np.ndarray:
         """pixel_values (tiles, 3, 448, 448) -> image_embeds (tiles, 256, hidden), in runs of max_tiles_per_run."""
         runs = []
-        limits = [g.max_tiles for g in (self.vision, self.projector) if g.max_tiles is not None]
-        per_run = min(self.max_tiles_per_run, *limits)  # an engine built for fewer tiles per run sets the pace
+        limits = [getattr(g, "max_tiles", None) for g in (self.vision, self.projector)]
+        per_run = min([self.max_tiles_per_run, *(n for n in limits if n)])  # an engine built for fewer sets the pace
         for start in range(0, len(pixel_values), per_run):
             chunk = np.ascontiguousarray(pixel_values[start : start + per_run], dtype=np.float32)
             features = self.vision.run({"pixel_values": chunk})["vision_features"]
