@@ -882,7 +882,8 @@ def trt_bundle(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("trt") / "bundle"
     export_bundle("random:tiny", out, progress=lambda _: None)
-    build_engines(out, BuildOptions(max_batch=2, max_tiles=3, max_context=64, optimization_level=0), lambda _: None)
+    options = BuildOptions(max_batch=2, max_tiles=3, max_context=64, prefill_chunk=16, optimization_level=0)
+    build_engines(out, options, lambda _: None)
     return out
 
 
@@ -927,3 +928,35 @@ def test_real_engines_from_another_tensorrt_are_refused(trt_bundle, tmp_path):
     m = Manifest.load(bundle)
     with pytest.raises(BackendUnavailableError, match="built with TensorRT 10.0.0 but this is TensorRT"):
         TensorRTBackend().open_graph(bundle, m.graph("projector"))
+
+
+@pytest.mark.tensorrt
+@pytest.mark.skipif(not HAVE_TRT, reason=NO_TRT)
+def test_real_engine_limits_memory_and_chunked_prefill(trt_bundle):
+    """On the real API: limits read back from the plan, per-profile memory recorded, a prompt longer than the
+    prefill chunk (16) equal to ONNX Runtime's, and the session driven from a thread that never set the device."""
+    from vl_export.runtime.backends.ort import OrtBackend
+
+    m = Manifest.load(trt_bundle)
+    record = Engines.load(trt_bundle).engines["decoder"]
+    assert len(record.device_memory_bytes) == 2 and all(n > 0 for n in record.device_memory_bytes)
+    trt_decoder = TensorRTBackend().open_decoder(trt_bundle, m.graph("decoder"))
+    assert (trt_decoder.max_positions, trt_decoder.max_batch, trt_decoder.max_seq) == (64, 2, 16)
+    ort_decoder = OrtBackend().open_decoder(trt_bundle, m.graph("decoder"))
+    rng = np.random.default_rng(8)
+    hidden = m.model.text.hidden_size
+    embeds = rng.standard_normal((1, 40, hidden)).astype(np.float32)
+    feeds = (embeds, np.ones((1, 40), np.int64), np.arange(40)[None].astype(np.int64), np.array([[39, 3]]))
+    results = {}
+
+    def run(name, session):
+        session.reset(batch=1, capacity=48)
+        results[name] = (session.forward(*feeds), session.cache())
+
+    thread = threading.Thread(target=run, args=("trt", trt_decoder))
+    thread.start()
+    thread.join()
+    run("ort", ort_decoder)
+    np.testing.assert_allclose(results["trt"][0], results["ort"][0], atol=2e-3, rtol=2e-3)
+    for got, want in zip(results["trt"][1], results["ort"][1]):
+        np.testing.assert_allclose(got, want, atol=2e-3, rtol=2e-3)
