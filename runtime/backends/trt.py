@@ -210,9 +210,9 @@ class Bindings:
 
     def release(self) -> None:
         self.cuda.activate()
+        self.contexts, self.context = [], None  # the contexts go before the memory they run on
         for buffer in (*self.buffers.values(), self.scratch):
             buffer.release()
-        self.contexts = []
 
 
 class TrtGraph(GraphSession):
