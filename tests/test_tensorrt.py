@@ -741,6 +741,8 @@ def test_an_old_driver_is_named_as_the_cause_not_a_missing_gpu():
         "update the driver, or use TensorRT and cuda-python for CUDA 12 (pip install 'vl-export[trt-cu12]')"
     )
     cuda_rt.probe_gpu(FakeCudart(1, runtime=12090, driver=12020))  # a newer 12.x runtime on a 12.x driver runs
+    with pytest.raises(BackendUnavailableError, match=r"no NVIDIA driver is loaded \(cudaDriverGetVersion: 0\)"):
+        cuda_rt.probe_gpu(FakeCudart(1, driver=0))
 
 
 def test_cuda_python_must_match_tensorrts_cuda_major():

@@ -99,13 +99,13 @@ def check_cuda_versions(cudart, tensorrt_major: int | None) -> None:
 
     cuda-python 13 on a driver before 580 fails every call with cudaErrorInsufficientDriver, which would otherwise
     surface as 'no CUDA GPU'. One CUDA major per process: TensorRT's and cuda-python's must match."""
-    runtime = check(cudart, cudart.cudaRuntimeGetVersion(), "cudaRuntimeGetVersion")
-    driver = check(cudart, cudart.cudaDriverGetVersion(), "cudaDriverGetVersion")  # 0 when no driver is loaded
+    runtime = check(cudart, cudart.cudaRuntimeGetVersion(), "cudaRuntimeGetVersion")  # cuda-python's own CUDA
     major = runtime // 1000
-    if driver == 0:
+    err, driver = cudart.cudaDriverGetVersion()  # the newest CUDA the driver runs; 0 when no driver is loaded
+    if err == cudart.cudaError_t.cudaSuccess and driver == 0:
         raise BackendUnavailableError("no NVIDIA driver is loaded (cudaDriverGetVersion: 0); TensorRT needs an "
                                       "NVIDIA GPU and its driver")
-    if driver // 1000 < major:  # a newer minor on an older driver of the same major runs (compatibility)
+    if err == cudart.cudaError_t.cudaSuccess and driver // 1000 < major:  # same major, older minor: compatible
         raise BackendUnavailableError(
             f"the NVIDIA driver supports CUDA {cuda_version(driver)} but cuda-python is built for CUDA "
             f"{cuda_version(runtime)}, which needs driver >= {MIN_DRIVER.get(major, '?')}: update the driver, or use "
