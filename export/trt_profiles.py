@@ -112,8 +112,8 @@ def resolve_sizes(manifest: Manifest, options: BuildOptions, gpu_memory_bytes: i
         fit = context_for_memory(model.text, options.max_batch, chunk, gpu_memory_bytes)
         if fit < chunk:
             raise VlExportError(
-                f"a prefill chunk of {chunk} positions needs more than {DECODER_MEMORY_SHARE:.0%} of the GPU's "
-                f"{gpu_memory_bytes / (1 << 30):.1f} GiB at batch {options.max_batch}; pass a smaller --prefill-chunk"
+                f"{DECODER_MEMORY_SHARE:.0%} of the GPU's {gpu_memory_bytes / (1 << 30):.1f} GiB holds {fit} positions "
+                f"at batch {options.max_batch}, less than one prefill chunk of {chunk}; pass a smaller --prefill-chunk"
             )
         max_context = min(max_context, fit)
     if chunk > max_context:

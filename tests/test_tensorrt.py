@@ -144,8 +144,8 @@ def test_default_profiles_no_longer_reach_the_full_context_in_one_prefill():
 
 
 def test_a_gpu_too_small_for_the_prefill_chunk_is_refused():
-    with pytest.raises(VlExportError, match=r"a prefill chunk of 4096 positions needs more than 50% of the GPU's "
-                                            r"4.0 GiB at batch 1; pass a smaller --prefill-chunk"):
+    with pytest.raises(VlExportError, match=r"50% of the GPU's 4.0 GiB holds 2048 positions at batch 1, less than "
+                                            r"one prefill chunk of 4096; pass a smaller --prefill-chunk"):
         resolve_sizes(manifest(), BuildOptions(), gpu_memory_bytes=4 << 30)
     assert resolve_sizes(manifest(), BuildOptions(prefill_chunk=1024), gpu_memory_bytes=4 << 30).max_context == 8192
 
