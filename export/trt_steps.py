@@ -92,7 +92,8 @@ def build_plan(builder, network, config, what: str) -> bytes:
     return bytes(plan)
 
 
-def context_memory(trt, logger, plan: bytes, entry: GraphEntry, profiles: Sequence[Profile], file: str, cuda) -> list[int]:
+def context_memory(trt, logger, plan: bytes, entry: GraphEntry, profiles: Sequence[Profile], file: str,
+                   cuda) -> list[int]:
     """Step 3b: deserialize the plan and create its execution contexts exactly as the runtime will (one per profile
     on one user-managed allocation), so a plan the GPU cannot run is refused now. Returns each profile's device
     memory (getDeviceMemorySizeForProfileV2)."""
