@@ -728,6 +728,17 @@ def test_without_tensorrt_build_and_backend_say_so(tmp_path):
         TensorRTBackend()
 
 
+def test_tensorrt_before_10_1_is_refused(monkeypatch):
+    """The contexts need get_device_memory_size_for_profile_v2 and set_device_memory(memory, size), new in 10.1."""
+    monkeypatch.setitem(sys.modules, "tensorrt", SimpleNamespace(__version__="10.0.1.6"))
+    with pytest.raises(BackendUnavailableError, match="TensorRT 10.0.1.6 is too old; vl-export needs TensorRT 10.1"):
+        TensorRTBackend()
+    monkeypatch.setitem(sys.modules, "tensorrt", SimpleNamespace(__version__="10.3.0.30"))
+    from vl_export.runtime.backends.trt import import_tensorrt
+
+    assert import_tensorrt().__version__ == "10.3.0.30"  # JetPack 6's TensorRT
+
+
 def test_gpu_probe_reads_name_and_compute_capability():
     assert cuda_rt.probe_gpu(FakeCudart(1)) == cuda_rt.GpuInfo(0, "NVIDIA H100 80GB HBM3", "9.0", 80 << 30)
     with pytest.raises(BackendUnavailableError, match=r"GPU 2 was asked for but 1 GPU\(s\) are visible \(0..0\)"):

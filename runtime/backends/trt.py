@@ -35,7 +35,9 @@ from .base import Backend, DecoderSession, GraphSession
 from .cuda_rt import Cuda, DeviceBuffer, device_index, import_cudart, probe_gpu, tensorrt_cuda_major
 from .trt_plan import axis_sizes, chunks, kv_bytes, numpy_dtype, profile_axes, resolve_shape
 
-MIN_TENSORRT_MAJOR = 10  # name-based tensors, INT64 IO and strongly typed networks
+# 10.0: name-based tensors, INT64 IO, strongly typed networks; 10.1: get_device_memory_size_for_profile_v2 and
+# set_device_memory(memory, size), which the user-managed contexts use.
+MIN_TENSORRT = (10, 1)
 
 
 def import_tensorrt():
@@ -45,10 +47,10 @@ def import_tensorrt():
         raise BackendUnavailableError(
             "the tensorrt backend needs TensorRT: pip install 'vl-export[trt]' or use NVIDIA's TensorRT container"
         ) from None
-    major = int(tensorrt.__version__.split(".")[0])
-    if major < MIN_TENSORRT_MAJOR:
+    version = tuple(int(part) for part in tensorrt.__version__.split(".")[:2])
+    if version < MIN_TENSORRT:
         raise BackendUnavailableError(
-            f"TensorRT {tensorrt.__version__} is too old; vl-export needs TensorRT 10 or newer"
+            f"TensorRT {tensorrt.__version__} is too old; vl-export needs TensorRT 10.1 or newer"
         )
     return tensorrt
 
