@@ -22,8 +22,8 @@ from vl_export.engines import (
 from vl_export.errors import BundleError
 from vl_export.files import Progress, staged_directory, stderr_progress
 from vl_export.manifest import ROLES, GraphEntry, Manifest
-from vl_export.runtime.backends.cuda_rt import check, import_cudart, probe_gpu
-from vl_export.runtime.backends.trt import import_tensorrt
+from vl_export.runtime.backends.cuda_rt import Cuda, GpuInfo, import_cudart, probe_gpu, tensorrt_cuda_major
+from vl_export.runtime.backends.trt import gib, import_tensorrt
 
 from . import trt_steps
 from .trt_profiles import BuildOptions, ProfileSizes, graph_profiles, resolve_sizes
@@ -31,13 +31,13 @@ from .trt_profiles import BuildOptions, ProfileSizes, graph_profiles, resolve_si
 TIMING_CACHE = "timing.cache"
 
 
-def build_target(device: int = 0) -> tuple[object, Target]:
-    """TensorRT and the GPU the plans are built for; BackendUnavailableError when either is missing."""
+def build_target(device: int = 0) -> tuple[object, Target, GpuInfo, Cuda]:
+    """TensorRT, the GPU the plans are built for, and a stream on it; BackendUnavailableError when one is missing."""
     trt = import_tensorrt()
     cudart = import_cudart()
-    gpu = probe_gpu(cudart, device)
-    check(cudart, cudart.cudaSetDevice(device), "cudaSetDevice")  # the builder builds for the current device
-    return trt, Target(trt.__version__, gpu.name, gpu.compute_capability)
+    gpu = probe_gpu(cudart, device, tensorrt_cuda_major())
+    cuda = Cuda(cudart, device)  # makes the device current: the builder builds for the current device
+    return trt, Target(trt.__version__, gpu.name, gpu.compute_capability), gpu, cuda
 
 
 def initial_timing_cache(bundle: Path, options: BuildOptions, target: Target) -> tuple[bytes, str]:
@@ -60,7 +60,7 @@ def initial_timing_cache(bundle: Path, options: BuildOptions, target: Target) ->
 
 
 def build_one(trt, logger, bundle: Path, entry: GraphEntry, sizes: ProfileSizes, options: BuildOptions,
-              timing_cache: bytes, out_dir: Path) -> tuple[EngineRecord, bytes]:
+              timing_cache: bytes, out_dir: Path, cuda, progress: Progress) -> tuple[EngineRecord, bytes]:
     """Build one graph's plan into out_dir; returns its record and the grown timing cache."""
     onnx = bundle / entry.file
     sha256 = file_sha256(onnx)
@@ -71,10 +71,13 @@ def build_one(trt, logger, bundle: Path, entry: GraphEntry, sizes: ProfileSizes,
     config = trt_steps.configure(trt, builder, network, entry, profiles, options, timing_cache)
     plan = trt_steps.build_plan(builder, network, config, entry.role)
     plan_file = f"{entry.role}.plan"
+    memory = trt_steps.context_memory(trt, logger, plan, entry, profiles, plan_file, cuda)
+    progress(f"{entry.role} engine: {gib(len(plan))} of weights and kernels; device memory per context profile: "
+             + ", ".join(f"{p.name} {gib(n)}" for p, n in zip(profiles, memory)))
     (out_dir / plan_file).write_bytes(plan)
     if options.inspect:
         (out_dir / f"{entry.role}.layers.json").write_text(trt_steps.layer_information(trt, logger, plan))
-    record = EngineRecord(entry.role, plan_file, entry.file, sha256, tuple(profiles), len(plan))
+    record = EngineRecord(entry.role, plan_file, entry.file, sha256, tuple(profiles), len(plan), tuple(memory))
     return record, trt_steps.serialized_timing_cache(config)
 
 
@@ -83,13 +86,15 @@ def build_engines(bundle_dir: Path | str, options: BuildOptions = BuildOptions()
 
     Returns the engines.json content. Raises BackendUnavailableError without TensorRT, cuda-python or a CUDA GPU.
     """
-    trt, target = build_target(options.device)
+    trt, target, gpu, cuda = build_target(options.device)
     bundle = Path(bundle_dir)
     manifest = Manifest.load(bundle)
-    sizes = resolve_sizes(manifest, options)
+    sizes = resolve_sizes(manifest, options, gpu.memory_bytes)
     timing_cache, source = initial_timing_cache(bundle, options, target)
     progress(f"building TensorRT {target.tensorrt_version} engines for {target.gpu_name} "
-             f"(compute capability {target.compute_capability}); timing cache: {source}")
+             f"(compute capability {target.compute_capability}, {gib(gpu.memory_bytes)}); timing cache: {source}")
+    progress(f"limits: {sizes.max_context} positions per sequence (prefill chunks of {sizes.prefill_chunk}), "
+             f"batch {sizes.max_batch}, {sizes.max_tiles} tiles per vision run")
     logger = trt.Logger(trt.Logger.WARNING)
     with staged_directory(bundle / ENGINES_DIR, overwrite=True) as staging:
         records = {}
@@ -97,7 +102,8 @@ def build_engines(bundle_dir: Path | str, options: BuildOptions = BuildOptions()
             start = time.perf_counter()
             entry = manifest.graph(role, BACKEND)
             progress(f"building the {role} engine from {entry.file} ...")
-            records[role], timing_cache = build_one(trt, logger, bundle, entry, sizes, options, timing_cache, staging)
+            records[role], timing_cache = build_one(trt, logger, bundle, entry, sizes, options, timing_cache, staging,
+                                                    cuda, progress)
             progress(f"building the {role} engine: done in {time.perf_counter() - start:.1f} s")
         (staging / TIMING_CACHE).write_bytes(timing_cache)
         created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

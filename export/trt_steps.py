@@ -3,6 +3,11 @@
 Every step takes the `tensorrt` module as an argument, so nothing here imports TensorRT and each step can be driven
 (or replaced) alone. Networks are strongly typed: precision comes from the ONNX (fp16 types, Q/DQ nodes), never from
 builder flags, which TensorRT 11 removed.
+
+The one precision flag left, BuilderFlag.TF32, is on by default (NvInfer.h: "Enabled by default"): fp32 matmuls would
+round their inputs to 10-bit mantissas. It is cleared for fp32 graphs, so an "fp32" engine computes in fp32 and is
+verified against the fp32 thresholds; fp16 and int8 graphs keep TensorRT's default, as their fp32 islands
+(LayerNorm, Softmax, residual sums) are not matmuls and their thresholds are set for reduced precision anyway.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from pathlib import Path
 from vl_export.engines import Profile
 from vl_export.errors import BundleError, VlExportError
 from vl_export.manifest import GraphEntry
+from vl_export.runtime.backends.cuda_rt import DeviceBuffer
+from vl_export.runtime.backends.trt import engine_profiles, open_contexts
 
 from .trt_profiles import BuildOptions
 
@@ -55,6 +62,8 @@ def configure(trt, builder, network, entry: GraphEntry, profiles: Sequence[Profi
     """Step 2: the builder config: profiles in order (their index is what the runtime selects), limits, cache."""
     check_network_inputs([network.get_input(i).name for i in range(network.num_inputs)], entry)
     config = builder.create_builder_config()
+    if entry.precision == "fp32":
+        config.clear_flag(trt.BuilderFlag.TF32)  # see the module docstring
     if options.workspace_bytes is not None:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_bytes)
     if options.optimization_level is not None:
@@ -81,6 +90,25 @@ def build_plan(builder, network, config, what: str) -> bytes:
     if plan is None:
         raise VlExportError(f"TensorRT could not build the {what} engine (its log above says why)")
     return bytes(plan)
+
+
+def context_memory(trt, logger, plan: bytes, entry: GraphEntry, profiles: Sequence[Profile], file: str,
+                   cuda) -> list[int]:
+    """Step 3b: deserialize the plan and create its execution contexts exactly as the runtime will (one per profile
+    on one user-managed allocation), so a plan the GPU cannot run is refused now. Returns each profile's device
+    memory (getDeviceMemorySizeForProfileV2)."""
+    engine = trt.Runtime(logger).deserialize_cuda_engine(plan)
+    if engine is None:
+        raise VlExportError(f"TensorRT cannot deserialize the {entry.role} engine it just built (its log says why)")
+    names = [p.name for p in profiles]
+    scratch = DeviceBuffer(cuda)
+    try:
+        contexts = open_contexts(engine, file, engine_profiles(engine, entry, names),
+                                 trt.ExecutionContextAllocationStrategy.USER_MANAGED, scratch, cuda)
+        del contexts  # before their memory goes
+    finally:
+        scratch.release()
+    return [int(engine.get_device_memory_size_for_profile_v2(i)) for i in range(engine.num_optimization_profiles)]
 
 
 def serialized_timing_cache(config) -> bytes:

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from vl_export.errors import InputError
+
 from .backends.base import DecoderSession
 from .sampling import GenerationConfig, Sampler
 
@@ -23,6 +25,13 @@ class Generated:
 def positions_of(attention_mask: np.ndarray) -> np.ndarray:
     """transformers' generate: position = running count of real tokens - 1; padding gets 1."""
     return np.where(attention_mask == 1, attention_mask.cumsum(-1) - 1, 1).astype(np.int64)
+
+
+def context_limits(max_context: int, decoder: DecoderSession) -> str:
+    """Where the limit comes from, for the refusal: the model's context and the session's own."""
+    if decoder.max_positions is None:
+        return f"the model's context is {max_context}"
+    return f"the model's context is {max_context}, the decoder engine's {decoder.max_positions}"
 
 
 def generate(*args, **kwargs) -> Generated:
@@ -48,7 +57,13 @@ def generate_steps(
 ) -> Generator[None, None, Generated]:
     """Yields once per generated position (so a caller can stream), returns the Generated at the end."""
     b, s = attention_mask.shape
-    max_new = min(config.max_new_tokens, max_context - s)
+    limit = max_context if decoder.max_positions is None else min(max_context, decoder.max_positions)
+    if s >= limit:
+        raise InputError(f"the prompt is {s} tokens and the decoder holds at most {limit} positions "
+                         f"({context_limits(max_context, decoder)}); shorten the prompt or use fewer tiles")
+    if decoder.max_batch is not None and b > decoder.max_batch:
+        raise InputError(f"{b} sequences in one batch, the decoder takes at most {decoder.max_batch}")
+    max_new = min(config.max_new_tokens, limit - s)  # finish_reason "length" when the limit cuts it short
     sampler = Sampler(config)
     decoder.reset(b, s + max_new)
 

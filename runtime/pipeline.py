@@ -22,6 +22,7 @@ from .sampling import GenerationConfig
 from .tokenizer import IncrementalDecoder, TextTokenizer
 
 Images = ImageInput | Sequence[ImageInput] | None
+TILES_PER_RUN = 8  # tiles per vision run: bounds its activation memory; TensorRT's vision profiles are tuned for it
 
 
 @dataclass
@@ -94,7 +95,7 @@ class Stream:
 
 
 class Pipeline:
-    def __init__(self, bundle: Path, manifest: Manifest, backends: dict[str, Backend], max_tiles_per_run: int = 8,
+    def __init__(self, bundle: Path, manifest: Manifest, backends: dict[str, Backend], max_tiles_per_run: int = TILES_PER_RUN,
                  lazy: bool = False):
         self.bundle = bundle
         self.manifest = manifest
@@ -109,7 +110,7 @@ class Pipeline:
             self.vision, self.projector, self.decoder  # noqa: B018
 
     @classmethod
-    def from_bundle(cls, path: str | Path, backend: str = "onnxruntime", max_tiles_per_run: int = 8, lazy: bool = False,
+    def from_bundle(cls, path: str | Path, backend: str = "onnxruntime", max_tiles_per_run: int = TILES_PER_RUN, lazy: bool = False,
                     **backend_options) -> Pipeline:
         """Load a bundle. backend: onnxruntime (ort), openvino (ov) or tensorrt (trt), or one per graph, e.g.
         `vision=openvino,decoder=onnxruntime` (each graph where it runs fastest); options go to the backends that
@@ -145,8 +146,10 @@ class Pipeline:
     def encode_images(self, pixel_values: np.ndarray) -> np.ndarray:
         """pixel_values (tiles, 3, 448, 448) -> image_embeds (tiles, 256, hidden), in runs of max_tiles_per_run."""
         runs = []
-        for start in range(0, len(pixel_values), self.max_tiles_per_run):
-            chunk = np.ascontiguousarray(pixel_values[start : start + self.max_tiles_per_run], dtype=np.float32)
+        limits = [getattr(g, "max_tiles", None) for g in (self.vision, self.projector)]
+        per_run = min([self.max_tiles_per_run, *(n for n in limits if n)])  # an engine built for fewer sets the pace
+        for start in range(0, len(pixel_values), per_run):
+            chunk = np.ascontiguousarray(pixel_values[start : start + per_run], dtype=np.float32)
             features = self.vision.run({"pixel_values": chunk})["vision_features"]
             runs.append(self.projector.run({"vision_features": features})["image_embeds"])
         return np.concatenate(runs)

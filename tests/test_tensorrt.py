@@ -4,29 +4,49 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import inspect
 import json
 import shutil
 import sys
-from types import ModuleType, SimpleNamespace
+import threading
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-from trt_fakes import FakeCuda, FakeDecoderEngine, FakeProjectorEngine, fake_tensorrt
+from trt_fakes import (
+    STRATEGIES,
+    FakeCudart,
+    FakeDecoderEngine,
+    FakeProjectorEngine,
+    FakeStream,
+    fake_cuda_python,
+    fake_tensorrt,
+)
 from vl_export.engines import ENGINES_DIR, EngineRecord, Engines, Profile, Target, file_sha256, select_profile
 from vl_export.errors import BackendUnavailableError, BundleError, InputError, VlExportError
 from vl_export.export import trt_steps
 from vl_export.export.onnx_export import graph_io
 from vl_export.export.trt_build import build_engines, initial_timing_cache
-from vl_export.export.trt_profiles import BuildOptions, decoder_profiles, graph_profiles, resolve_sizes
+from vl_export.export.trt_profiles import (
+    BuildOptions,
+    context_for_memory,
+    decoder_profiles,
+    graph_profiles,
+    resolve_sizes,
+)
 from vl_export.manifest import GraphEntry, Manifest, Preprocessing
 from vl_export.runtime.backends import cuda_rt
 from vl_export.runtime.backends.trt import Bindings, TensorRTBackend, TrtDecoder, TrtGraph
+from vl_export.runtime.generate import generate
+from vl_export.runtime.pipeline import Pipeline
+from vl_export.runtime.sampling import GenerationConfig
 from vl_export.runtime.backends.trt_plan import (
     axis_sizes,
     grown_bytes,
     kv_bytes,
     numpy_dtype,
+    chunks,
     resolve_shape,
     tensor_bytes,
 )
@@ -76,25 +96,60 @@ def manifest(spec: ModelSpec = SPEC_1B, use_thumbnail: bool = True) -> Manifest:
 # ---- optimization profiles ------------------------------------------------------------------------------------------
 
 
-def test_default_sizes_of_internvl2_5_1b_follow_the_manifest():
+def test_default_sizes_of_internvl2_5_1b_follow_the_manifest_and_the_pipeline():
     sizes = resolve_sizes(manifest(), BuildOptions())
-    assert (sizes.max_tiles, sizes.opt_tiles, sizes.max_batch, sizes.max_context) == (13, 13, 1, 32768)
+    # Vision runs hold what the pipeline sends: a 13-tile photo (12 + thumbnail) runs as 8 + 5 tiles.
+    assert (sizes.max_tiles, sizes.opt_tiles, sizes.max_batch, sizes.max_context) == (8, 8, 1, 32768)
+    assert sizes.prefill_chunk == 4096
     assert sizes.prefill_opt_seq == 13 * 256 + 128 == 3456  # one photo's tiles of image tokens, plus its question
     assert sizes.decode_opt_past == 3456
 
 
-def test_without_thumbnail_a_vision_run_holds_max_tiles():
-    assert resolve_sizes(manifest(use_thumbnail=False), BuildOptions()).max_tiles == 12
+def test_vision_profile_optimum_is_the_size_the_pipeline_runs():
+    runs = inspect.signature(Pipeline.from_bundle).parameters["max_tiles_per_run"].default
+    assert runs == 8  # the pipeline's tiles per vision run, which the vision profile is tuned for
+    [profile] = graph_profiles("vision_encoder", resolve_sizes(manifest(), BuildOptions()), BuildOptions())
+    assert profile.axes["tiles"] == (1, 8, 8)
+
+
+def test_a_photo_smaller_than_a_run_bounds_the_vision_profile():
+    small = dataclasses.replace(SPEC_1B, max_dynamic_patch=4)
+    assert resolve_sizes(manifest(small), BuildOptions()).max_tiles == 5  # 4 tiles + the thumbnail
+    assert resolve_sizes(manifest(small, use_thumbnail=False), BuildOptions()).max_tiles == 4
 
 
 def test_vision_profile_shapes():
     [profile] = graph_profiles("vision_encoder", resolve_sizes(manifest(), BuildOptions(opt_tiles=5)), BuildOptions())
     shapes = profile.shapes(entry("vision_encoder").inputs)
-    assert shapes == {"pixel_values": ((1, 3, 448, 448), (5, 3, 448, 448), (13, 3, 448, 448))}
+    assert shapes == {"pixel_values": ((1, 3, 448, 448), (5, 3, 448, 448), (8, 3, 448, 448))}
     [profile] = graph_profiles("projector", resolve_sizes(manifest(), BuildOptions(max_tiles=26)), BuildOptions())
     assert profile.shapes(entry("projector").inputs) == {
-        "vision_features": ((1, 1025, 1024), (13, 1025, 1024), (26, 1025, 1024))
+        "vision_features": ((1, 1025, 1024), (26, 1025, 1024), (26, 1025, 1024))
     }
+
+
+@pytest.mark.parametrize(("gpu_gib", "context"), [(80, 32768), (24, 16384), (16, 8192), (8, 4096)])
+def test_default_context_is_what_half_the_gpu_holds_at_a_prefill_chunk(gpu_gib, context):
+    # 1B: 14 heads x 4096 x 4 bytes x 3 tensors of attention + 48 KiB of fp32 KV per position: 720 KiB per position
+    assert resolve_sizes(manifest(), BuildOptions(), gpu_memory_bytes=gpu_gib << 30).max_context == context
+    prefill, decode = decoder_profiles(resolve_sizes(manifest(), BuildOptions(), gpu_memory_bytes=gpu_gib << 30))
+    assert prefill.axes["seq"][2] == 4096 and prefill.axes["total"][2] == decode.axes["total"][2] == context
+
+
+def test_default_profiles_no_longer_reach_the_full_context_in_one_prefill():
+    """Regression: the prefill profile went to seq = total = 32,768, a ~28 GiB mask no GPU context can hold."""
+    prefill, _ = decoder_profiles(resolve_sizes(manifest(), BuildOptions(), gpu_memory_bytes=80 << 30))
+    seq, total = prefill.axes["seq"][2], prefill.axes["total"][2]
+    mask_bytes = 7 * seq * total * 4  # the tiled fp32 mask: 7 query heads per KV head stacked along the sequence
+    assert mask_bytes <= 4 << 30
+    assert context_for_memory(SPEC_1B.text, 1, 4096, 4 << 30) == 2048  # a 4 GiB GPU cannot hold a 4096 chunk
+
+
+def test_a_gpu_too_small_for_the_prefill_chunk_is_refused():
+    with pytest.raises(VlExportError, match=r"50% of the GPU's 4.0 GiB holds 2048 positions at batch 1, less than "
+                                            r"one prefill chunk of 4096; pass a smaller --prefill-chunk"):
+        resolve_sizes(manifest(), BuildOptions(), gpu_memory_bytes=4 << 30)
+    assert resolve_sizes(manifest(), BuildOptions(prefill_chunk=1024), gpu_memory_bytes=4 << 30).max_context == 8192
 
 
 def test_decoder_has_a_prefill_and_a_decode_profile():
@@ -123,14 +178,16 @@ def test_a_small_context_cap_clamps_the_opt_shapes():
 def test_one_decoder_profile_when_asked():
     sizes = resolve_sizes(manifest(), BuildOptions())
     [profile] = graph_profiles("decoder", sizes, BuildOptions(split_decoder_profiles=False))
-    assert profile.name == "prefill" and profile.axes["seq"] == (1, 3456, 32768)
+    assert profile.name == "prefill" and profile.axes["seq"] == (1, 3456, 4096)
+    assert profile.axes["total"] == (1, 3456, 32768)
 
 
 @pytest.mark.parametrize(
     ("options", "message"),
     [
         (dict(max_context=40000), "max_context 40000 is more than the model's 32768 positions"),
-        (dict(opt_tiles=14), "opt_tiles 14 is more than max_tiles 13"),
+        (dict(opt_tiles=9), "opt_tiles 9 is more than max_tiles 8"),
+        (dict(max_context=2048, prefill_chunk=4096), "prefill_chunk 4096 is more than max_context 2048"),
     ],
 )
 def test_sizes_refuse_impossible_options(options, message):
@@ -292,11 +349,15 @@ def test_the_network_must_take_the_manifests_inputs():
 
 
 class FakeConfig:
-    """IBuilderConfig as far as configure() uses it; set_flag is absent, as precision flags are in TensorRT 11."""
+    """IBuilderConfig as far as configure() uses it: TF32 is the one precision flag left in TensorRT 11, on by default."""
 
     def __init__(self, cache_matches: bool):
         self.cache_matches = cache_matches
         self.pools, self.profiles, self.cache = {}, [], None
+        self.flags = {"TF32"}
+
+    def clear_flag(self, flag):
+        self.flags.discard(flag)
 
     def set_memory_pool_limit(self, pool, nbytes):
         self.pools[pool] = nbytes
@@ -314,7 +375,7 @@ class FakeConfig:
         return self.cache_matches
 
 
-def configure_decoder(options: BuildOptions, cache_matches: bool = True):
+def configure_decoder(options: BuildOptions, cache_matches: bool = True, precision: str = "fp32"):
     config = FakeConfig(cache_matches)
 
     def create_optimization_profile():
@@ -324,10 +385,11 @@ def configure_decoder(options: BuildOptions, cache_matches: bool = True):
     builder = SimpleNamespace(
         create_builder_config=lambda: config, create_optimization_profile=create_optimization_profile
     )
-    decoder = entry("decoder")
+    decoder = entry("decoder", precision=precision)
     network = SimpleNamespace(num_inputs=len(decoder.inputs), get_input=lambda i: decoder.inputs[i])
     trt = SimpleNamespace(
-        MemoryPoolType=SimpleNamespace(WORKSPACE="workspace"), ProfilingVerbosity=SimpleNamespace(DETAILED="detailed")
+        MemoryPoolType=SimpleNamespace(WORKSPACE="workspace"), ProfilingVerbosity=SimpleNamespace(DETAILED="detailed"),
+        BuilderFlag=SimpleNamespace(TF32="TF32"),
     )
     profiles = decoder_profiles(resolve_sizes(manifest(), options))
     return trt_steps.configure(trt, builder, network, decoder, profiles, options, b"tactics")
@@ -346,6 +408,12 @@ def test_configure_adds_the_profiles_in_order_with_limits_and_the_timing_cache()
     assert config.cache.data == b"tactics"
     with pytest.raises(VlExportError, match="the timing cache was made by another TensorRT version or GPU"):
         configure_decoder(BuildOptions(max_context=4096), cache_matches=False)
+
+
+def test_fp32_engines_do_not_compute_in_tf32():
+    """Regression: TF32 is on by default in TensorRT 11 and was never cleared, so "fp32" engines ran TF32 matmuls."""
+    assert configure_decoder(BuildOptions(max_context=4096)).flags == set()
+    assert configure_decoder(BuildOptions(max_context=4096), precision="fp16").flags == {"TF32"}
 
 
 # ---- buffer planning ------------------------------------------------------------------------------------------------
@@ -394,14 +462,25 @@ def test_axis_sizes_are_read_from_a_request_and_checked():
 # ---- sessions on a fake GPU: buffers allocated once, ping-pong KV cache, profile switches ---------------------------
 
 
-def toy_decoder(max_context: int = 16, max_batch: int = 2):
-    cuda = FakeCuda()
-    decoder = entry("decoder", SPEC_TOY)
-    sizes = resolve_sizes(manifest(SPEC_TOY), BuildOptions(max_context=max_context, max_batch=max_batch))
-    profiles = decoder_profiles(sizes)
-    engine = FakeDecoderEngine(decoder, profiles, cuda)
-    record = EngineRecord("decoder", "decoder.plan", "decoder.onnx", "ab" * 32, tuple(profiles), 1)
-    return TrtDecoder(Bindings(engine, record, decoder, cuda), decoder), cuda
+def toy_engine(monkeypatch, role: str, options: BuildOptions, devices: int = 1, device: int = 0,
+               record_options: BuildOptions | None = None):
+    """A fake GPU (`devices` of them) and a toy `role` engine deserialized on `device`; engines.json's record may
+    claim other profiles (record_options) than the engine was built with."""
+    cudart = FakeCudart(devices)
+    fake_cuda_python(monkeypatch, cudart)
+    cuda = cuda_rt.Cuda(cudart, device)
+    graph = entry(role, SPEC_TOY)
+    profiles = graph_profiles(role, resolve_sizes(manifest(SPEC_TOY), options), options)
+    claimed = graph_profiles(role, resolve_sizes(manifest(SPEC_TOY), record_options or options), options)
+    engine = (FakeDecoderEngine if role == "decoder" else FakeProjectorEngine)(graph, profiles, cudart)
+    record = EngineRecord(role, f"{role}.plan", f"{role}.onnx", "ab" * 32, tuple(claimed), 1)
+    return Bindings(engine, record, graph, cuda, STRATEGIES.USER_MANAGED), graph, cudart
+
+
+def toy_decoder(monkeypatch, max_context: int = 16, max_batch: int = 2, prefill_chunk: int | None = None, **kwargs):
+    options = BuildOptions(max_context=max_context, max_batch=max_batch, prefill_chunk=prefill_chunk)
+    bindings, graph, cudart = toy_engine(monkeypatch, "decoder", options, **kwargs)
+    return TrtDecoder(bindings, graph), cudart
 
 
 def step_inputs(rng, batch: int, past: int, seq: int):
@@ -417,39 +496,68 @@ def expected_cache(all_embeds: np.ndarray) -> list[np.ndarray]:
     return [all_embeds[:, None, :, :4] + 10 * i + heads for i in range(4)]  # 2 layers x key, value
 
 
-def test_decoder_cache_ping_pongs_and_switches_profile_only_between_prefill_and_decode():
-    decoder, cuda = toy_decoder()
+def test_decoder_cache_ping_pongs_and_each_profile_runs_on_its_own_context(monkeypatch):
+    decoder, cudart = toy_decoder(monkeypatch)
+    engine = decoder.io.engine
     rng = np.random.default_rng(0)
     decoder.reset(batch=2, capacity=12)
-    allocated = cuda.mallocs
+    allocated = cudart.mallocs
     seen = []
     for past, seq in ((0, 5), (5, 1), (6, 1), (7, 1)):
         embeds, mask, positions, last = step_inputs(rng, 2, past, seq)
         logits = decoder.forward(embeds, mask, positions, last)
         seen.append(embeds)
         assert logits.shape == (2, 1, 11)
-        np.testing.assert_allclose(logits[:, 0, :], embeds[:, -1, :1] * np.arange(1, 12) + past, rtol=1e-6)
+        np.testing.assert_allclose(logits[:, 0, :], embeds[:, -1, :1] * np.arange(1, 12) + past + seq - 1, rtol=1e-6)
     assert decoder.past_len == 8
-    assert decoder.io.context.switches == [1]  # prefill ran on profile 0 (a new context's), decode steps on 1
+    assert engine.runs == [0, 1, 1, 1]  # prefill on profile 0, decode steps on profile 1
+    # Regression: one context switched profiles (a resource update per switch); now each profile has its context,
+    # set once when it was made, on one user-managed allocation sized for the largest profile.
+    prefill, decode = engine.contexts
+    assert (prefill.switches, decode.switches) == ([], [1])
+    assert prefill.memory == decode.memory and prefill.memory[1] == max(engine.memory_per_profile)
     cache = decoder.cache()
     assert [c.shape for c in cache] == [(2, 2, 8, 4)] * 4
     for got, want in zip(cache, expected_cache(np.concatenate(seen, axis=1))):
         np.testing.assert_allclose(got, want, rtol=1e-6)
     # Step inputs grew only once (prefill is the largest); the four KV pairs were allocated by reset alone.
-    assert cuda.mallocs - allocated == 5  # 4 step inputs + logits
+    assert cudart.mallocs - allocated == 5  # 4 step inputs + logits
 
     # A second, shorter request reuses every buffer and starts from an empty cache.
-    before = cuda.mallocs
+    before = cudart.mallocs
     decoder.reset(batch=1, capacity=6)
     embeds, mask, positions, last = step_inputs(rng, 1, 0, 3)
     decoder.forward(embeds, mask, positions, last)
-    assert cuda.mallocs == before
+    assert cudart.mallocs == before
     np.testing.assert_allclose(decoder.cache()[3], expected_cache(embeds)[3], rtol=1e-6)
-    assert decoder.io.context.switches == [1, 0]
+    assert engine.runs[-1] == 0 and (prefill.switches, decode.switches) == ([], [1])
 
 
-def test_decoder_refuses_what_its_engine_or_cache_cannot_hold():
-    decoder, _ = toy_decoder(max_context=16, max_batch=2)
+def test_a_profile_tensorrt_refuses_raises_instead_of_returning_false(monkeypatch):
+    """set_optimization_profile_async raises RuntimeError on failure (pyCore.cpp); it never returns False."""
+    from trt_fakes import FakeContext
+
+    def refuse(self, index, stream):
+        raise RuntimeError("Error in set optimization profile async.")
+
+    monkeypatch.setattr(FakeContext, "set_optimization_profile_async", refuse)
+    with pytest.raises(RuntimeError, match="Error in set optimization profile async"):
+        toy_decoder(monkeypatch)
+
+
+def test_decoder_limits_come_from_the_engine_not_engines_json(monkeypatch):
+    decoder, _ = toy_decoder(monkeypatch, max_context=16, max_batch=2, prefill_chunk=8)
+    assert (decoder.max_positions, decoder.max_batch, decoder.max_seq) == (16, 2, 8)
+    claimed = BuildOptions(max_context=64, max_batch=4)  # an engines.json that says more than the plan holds
+    options = BuildOptions(max_context=16, max_batch=2, prefill_chunk=8)
+    bindings, graph, _ = toy_engine(monkeypatch, "decoder", options, record_options=claimed)
+    decoder = TrtDecoder(bindings, graph)
+    assert (decoder.max_positions, decoder.max_batch) == (16, 2)
+    assert [p.name for p in bindings.profiles] == ["prefill", "decode"]
+
+
+def test_decoder_refuses_what_its_engine_or_cache_cannot_hold(monkeypatch):
+    decoder, _ = toy_decoder(monkeypatch, max_context=16, max_batch=2)
     with pytest.raises(InputError, match="built for batch <= 2 and <= 16 positions, asked for batch 3 x 8"):
         decoder.reset(batch=3, capacity=8)
     decoder.reset(batch=1, capacity=4)
@@ -465,41 +573,151 @@ def test_decoder_refuses_what_its_engine_or_cache_cannot_hold():
         decoder.forward(embeds, mask, positions.astype(np.int32), last)
 
 
-def toy_projector():
-    cuda = FakeCuda()
-    projector = entry("projector", SPEC_TOY)
-    profiles = graph_profiles("projector", resolve_sizes(manifest(SPEC_TOY), BuildOptions(max_tiles=4)), BuildOptions())
-    engine = FakeProjectorEngine(projector, profiles, cuda)
-    record = EngineRecord("projector", "projector.plan", "projector.onnx", "ab" * 32, tuple(profiles), 1)
-    return TrtGraph(Bindings(engine, record, projector, cuda)), cuda
+def test_a_prompt_longer_than_the_prefill_chunk_is_prefilled_in_chunks(monkeypatch):
+    whole, _ = toy_decoder(monkeypatch, max_context=16, prefill_chunk=16)
+    chunked, _ = toy_decoder(monkeypatch, max_context=16, prefill_chunk=4)
+    assert chunks(10, 4) == [(0, 4), (4, 8), (8, 10)]
+    rng = np.random.default_rng(4)
+    embeds, mask, positions, _ = step_inputs(rng, 2, 0, 10)
+    picks = np.array([[9, 2], [5, 9]])  # logits asked for positions in several chunks
+    step = step_inputs(rng, 2, 10, 1)
+    results = []
+    for decoder in (whole, chunked):
+        decoder.reset(batch=2, capacity=12)
+        logits = decoder.forward(embeds, mask, positions, picks)
+        results.append((logits, decoder.forward(*step), decoder.cache()))
+    assert chunked.io.engine.runs == [0, 0, 0, 1] and whole.io.engine.runs == [0, 1]
+    for got, want in zip(results[1], results[0]):
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(g, w, rtol=1e-6)
+    np.testing.assert_allclose(results[1][0][1, 0], embeds[1, 5, 0] * np.arange(1, 12) + 5, rtol=1e-6)
 
 
-def test_graph_runs_reuse_their_buffers():
-    graph, cuda = toy_projector()
+def toy_generate(decoder, prompt_len: int, max_new_tokens: int = 1024):
+    """generate() on the toy decoder: embeddings from a fixed table, no stop token, greedy."""
+    table = np.random.default_rng(5).standard_normal((11, 8)).astype(np.float32)
+    embeds = table[np.arange(prompt_len) % 11][None]  # (1, s, 8)
+    config = GenerationConfig(max_new_tokens=max_new_tokens)
+    return generate(decoder, embeds, np.ones((1, prompt_len), np.int64), lambda ids: table[ids], config,
+                    frozenset(), 0, max_context=32768)
+
+
+def test_generate_clamps_new_tokens_to_the_engines_positions_not_the_manifests(monkeypatch):
+    """Regression: generate asked for prompt + min(1024, manifest.max_context - prompt), which the engine refused
+    although the prompt fit (an engine built with --max-context 4096, a 3,456-token photo prompt); scaled down."""
+    decoder, _ = toy_decoder(monkeypatch, max_context=64, max_batch=1, prefill_chunk=16)
+    generated = toy_generate(decoder, prompt_len=54)
+    assert len(generated.token_ids[0]) == 10 and generated.finish_reasons == ["length"]  # 54 + 10 = the engine's 64
+    assert decoder.past_len == 63  # the last token is sampled, never fed back
+    with pytest.raises(InputError, match=r"the prompt is 64 tokens and the decoder holds at most 64 positions "
+                                         r"\(the model's context is 32768, the decoder engine's 64\)"):
+        toy_generate(decoder, prompt_len=64)
+
+
+def test_generate_refuses_a_batch_larger_than_the_engine(monkeypatch):
+    decoder, _ = toy_decoder(monkeypatch, max_context=16, max_batch=1)
+    table = np.zeros((11, 8), np.float32)
+    with pytest.raises(InputError, match="2 sequences in one batch, the decoder takes at most 1"):
+        generate(decoder, np.zeros((2, 3, 8), np.float32), np.ones((2, 3), np.int64), lambda ids: table[ids],
+                 GenerationConfig(max_new_tokens=2), frozenset(), 0, max_context=32768)
+
+
+def test_sessions_used_from_another_thread_stay_on_their_gpu(monkeypatch):
+    """Regression: cudaSetDevice holds for the calling thread only, and serve's worker threads start on GPU 0, so
+    buffers grown there went to GPU 0 while the engine ran on GPU 1 (serve --device cuda:1)."""
+    decoder, cudart = toy_decoder(monkeypatch, devices=2, device=1)
+    rng = np.random.default_rng(6)
+    steps = [step_inputs(rng, 1, 0, 5), step_inputs(rng, 1, 5, 1)]
+    outcome = {}
+
+    def worker():
+        try:
+            decoder.reset(batch=1, capacity=8)
+            outcome["logits"] = [decoder.forward(*step) for step in steps]
+            outcome["cache"] = decoder.cache()
+        except BaseException as error:  # noqa: BLE001 - handed to the main thread, which fails the test with it
+            outcome["error"] = error
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    assert "error" not in outcome, outcome.get("error")
+    assert cudart.current() == 1  # this thread made the session on GPU 1 and stays there
+    assert {device for _, _, device in cudart.allocations.values()} == {1}
+    np.testing.assert_allclose(outcome["cache"][0], expected_cache(np.concatenate([steps[0][0], steps[1][0]], 1))[0])
+
+
+def test_the_fake_gpu_catches_a_thread_left_on_gpu_0(monkeypatch):
+    """The check above can fail: without cudaSetDevice in the worker, its copies use GPU 1's stream from GPU 0."""
+    decoder, _ = toy_decoder(monkeypatch, devices=2, device=1)
+    monkeypatch.setattr(cuda_rt.Cuda, "activate", lambda self: None)
+    outcome = {}
+
+    def worker():
+        try:
+            decoder.reset(batch=1, capacity=8)
+            decoder.forward(*step_inputs(np.random.default_rng(7), 1, 0, 5))
+        except BaseException as error:  # noqa: BLE001
+            outcome["error"] = error
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    assert isinstance(outcome.get("error"), (RuntimeError, AssertionError))
+
+
+def toy_projector(monkeypatch):
+    bindings, _, cudart = toy_engine(monkeypatch, "projector", BuildOptions(max_tiles=4))
+    return TrtGraph(bindings), cudart
+
+
+def test_graph_runs_reuse_their_buffers(monkeypatch):
+    graph, cudart = toy_projector(monkeypatch)
     rng = np.random.default_rng(2)
     features = rng.standard_normal((3, 1025, 16)).astype(np.float32)
     out = graph.run({"vision_features": features})["image_embeds"]
     assert out.shape == (3, 256, 8)
     np.testing.assert_allclose(out, 2 * features[:, :256, :8])
-    allocated = cuda.mallocs
+    allocated = cudart.mallocs
     smaller = features[:2] + 1
     np.testing.assert_allclose(graph.run({"vision_features": smaller})["image_embeds"], 2 * smaller[:, :256, :8])
-    assert cuda.mallocs == allocated == 2
+    assert cudart.mallocs == allocated == 3  # the context's scratch, the input and the output
+    assert graph.max_tiles == 4
     with pytest.raises(InputError, match="profile tiles: tiles 5 is outside 1..4"):
         graph.run({"vision_features": np.zeros((5, 1025, 16), np.float32)})
 
 
-def test_an_engine_with_other_io_than_the_manifest_is_refused():
-    cuda = FakeCuda()
+class CountingGraph:
+    def __init__(self, max_tiles, key_in, key_out):
+        self.max_tiles, self.key_in, self.key_out, self.runs = max_tiles, key_in, key_out, []
+
+    def run(self, feeds):
+        self.runs.append(len(feeds[self.key_in]))
+        return {self.key_out: feeds[self.key_in] * 2}
+
+
+def test_pipeline_runs_no_more_tiles_than_the_vision_engines_take():
+    vision = CountingGraph(None, "pixel_values", "vision_features")
+    projector = CountingGraph(3, "vision_features", "image_embeds")
+    pipe = SimpleNamespace(vision=vision, projector=projector, max_tiles_per_run=8)
+    pixels = np.arange(13, dtype=np.float32).reshape(13, 1, 1, 1)
+    out = Pipeline.encode_images(pipe, pixels)
+    assert vision.runs == projector.runs == [3, 3, 3, 3, 1]
+    np.testing.assert_array_equal(out, 4 * pixels)
+
+
+def test_an_engine_with_other_io_than_the_manifest_is_refused(monkeypatch):
+    cudart = FakeCudart()
+    fake_cuda_python(monkeypatch, cudart)
     projector = entry("projector", SPEC_TOY)
     renamed = dataclasses.replace(projector, outputs=(dataclasses.replace(projector.outputs[0], name="embeds"),))
-    engine = FakeProjectorEngine(renamed, [Profile("tiles", {"tiles": (1, 1, 4)})], cuda)
+    engine = FakeProjectorEngine(renamed, [Profile("tiles", {"tiles": (1, 1, 4)})], cudart)
     record = EngineRecord("projector", "projector.plan", "projector.onnx", "ab" * 32, (), 1)
     with pytest.raises(BundleError, match=r"projector.plan has IO tensors \['embeds', 'vision_features'\]"):
-        Bindings(engine, record, projector, cuda)
+        Bindings(engine, record, projector, cuda_rt.Cuda(cudart, 0), STRATEGIES.USER_MANAGED)
 
 
-# ---- TensorRT or a GPU missing --------------------------------------------------------------------------------------
+# ---- TensorRT, cuda-python or a GPU missing -------------------------------------------------------------------------
 
 
 @pytest.mark.skipif(HAVE_TRT, reason="tensorrt imports here; the GPU tests below cover the backend")
@@ -510,31 +728,49 @@ def test_without_tensorrt_build_and_backend_say_so(tmp_path):
         TensorRTBackend()
 
 
-class FakeCudart(ModuleType):
-    """cuda.bindings.runtime as seen on a machine without a GPU, or with one H100."""
+def test_tensorrt_before_10_1_is_refused(monkeypatch):
+    """The contexts need get_device_memory_size_for_profile_v2 and set_device_memory(memory, size), new in 10.1."""
+    monkeypatch.setitem(sys.modules, "tensorrt", SimpleNamespace(__version__="10.0.1.6"))
+    with pytest.raises(BackendUnavailableError, match="TensorRT 10.0.1.6 is too old; vl-export needs TensorRT 10.1"):
+        TensorRTBackend()
+    monkeypatch.setitem(sys.modules, "tensorrt", SimpleNamespace(__version__="10.3.0.30"))
+    from vl_export.runtime.backends.trt import import_tensorrt
 
-    def __init__(self, devices: int):
-        super().__init__("cuda.bindings.runtime")
-        self.devices = devices
-        self.cudaError_t = SimpleNamespace(cudaSuccess=0, cudaErrorNoDevice=100)
-
-    def cudaGetDeviceCount(self):
-        return (0, self.devices) if self.devices else (100, 0)
-
-    def cudaGetErrorName(self, err):
-        return 0, {100: b"cudaErrorNoDevice"}[err]
-
-    def cudaSetDevice(self, device):
-        return (0,)
-
-    def cudaGetDeviceProperties(self, device):
-        return 0, SimpleNamespace(name=b"NVIDIA H100 80GB HBM3\x00", major=9, minor=0, totalGlobalMem=85 << 30)
+    assert import_tensorrt().__version__ == "10.3.0.30"  # JetPack 6's TensorRT
 
 
 def test_gpu_probe_reads_name_and_compute_capability():
-    assert cuda_rt.probe_gpu(FakeCudart(1)) == cuda_rt.GpuInfo(0, "NVIDIA H100 80GB HBM3", "9.0", 85 << 30)
+    assert cuda_rt.probe_gpu(FakeCudart(1)) == cuda_rt.GpuInfo(0, "NVIDIA H100 80GB HBM3", "9.0", 80 << 30)
     with pytest.raises(BackendUnavailableError, match=r"GPU 2 was asked for but 1 GPU\(s\) are visible \(0..0\)"):
         cuda_rt.probe_gpu(FakeCudart(1), device=2)
+
+
+def test_an_old_driver_is_named_as_the_cause_not_a_missing_gpu():
+    """Regression: cuda-python 13 on a driver before 580 reported 'no CUDA GPU is visible'."""
+    with pytest.raises(BackendUnavailableError) as error:
+        cuda_rt.probe_gpu(FakeCudart(1, runtime=13000, driver=12080))
+    assert str(error.value) == (
+        "the NVIDIA driver supports CUDA 12.8 but cuda-python is built for CUDA 13.0, which needs driver >= 580: "
+        "update the driver, or use TensorRT and cuda-python for CUDA 12 (pip install 'vl-export[trt-cu12]')"
+    )
+    cuda_rt.probe_gpu(FakeCudart(1, runtime=12090, driver=12020))  # a newer 12.x runtime on a 12.x driver runs
+    with pytest.raises(BackendUnavailableError, match=r"no NVIDIA driver is loaded \(cudaDriverGetVersion: 0\)"):
+        cuda_rt.probe_gpu(FakeCudart(1, driver=0))
+
+
+def test_cuda_python_must_match_tensorrts_cuda_major():
+    with pytest.raises(BackendUnavailableError, match=r"TensorRT is built for CUDA 12 but cuda-python for CUDA 13; "
+                                                      r"install the matching one: pip install 'cuda-python>=12.9.1,<13'"):
+        cuda_rt.probe_gpu(FakeCudart(1), tensorrt_major=12)
+    cuda_rt.probe_gpu(FakeCudart(1), tensorrt_major=13)
+
+
+def test_the_stream_handle_comes_from_the_native_handle_accessor(monkeypatch):
+    """Regression: int(stream) is deprecated in cuda-python 12.9.1+/13 (FakeStream refuses it)."""
+    cudart = FakeCudart()
+    fake_cuda_python(monkeypatch, cudart)
+    cuda = cuda_rt.Cuda(cudart, 0)
+    assert isinstance(cuda.stream, FakeStream) and cuda.stream_handle == cuda.stream.handle == 0x5001
 
 
 def test_devices_are_cuda_ordinals():
@@ -544,7 +780,7 @@ def test_devices_are_cuda_ordinals():
 
 
 def test_with_tensorrt_but_no_gpu_build_and_backend_say_so(monkeypatch, tmp_path):
-    fake_gpu(monkeypatch, SimpleNamespace(__version__="11.0.0.13"), devices=0)
+    fake_gpu(monkeypatch, SimpleNamespace(__version__="11.0.0.13"), FakeCudart(0))
     message = r"no CUDA GPU is visible \(cudaGetDeviceCount: cudaErrorNoDevice\); TensorRT needs an NVIDIA GPU"
     with pytest.raises(BackendUnavailableError, match=message):
         build_engines(tmp_path, progress=lambda _: None)
@@ -552,10 +788,9 @@ def test_with_tensorrt_but_no_gpu_build_and_backend_say_so(monkeypatch, tmp_path
         TensorRTBackend()
 
 
-def fake_gpu(monkeypatch, trt, devices: int = 1) -> None:
+def fake_gpu(monkeypatch, trt, cudart: FakeCudart) -> None:
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
-    monkeypatch.setitem(sys.modules, "cuda", SimpleNamespace())
-    monkeypatch.setitem(sys.modules, "cuda.bindings", SimpleNamespace(runtime=FakeCudart(devices)))
+    fake_cuda_python(monkeypatch, cudart)
 
 
 def fake_bundle(path) -> Manifest:
@@ -572,17 +807,25 @@ def fake_bundle(path) -> Manifest:
     return m
 
 
+def fake_build(monkeypatch, m: Manifest, built: list, cudart: FakeCudart | None = None) -> FakeCudart:
+    cudart = cudart or FakeCudart()
+    inputs = {g.file: [t.name for t in g.inputs] for g in m.graphs}
+    fake_gpu(monkeypatch, fake_tensorrt("11.0.0.13", inputs, built, cudart, {g.file: g for g in m.graphs}), cudart)
+    return cudart
+
+
 def test_build_engines_writes_plans_engines_json_and_the_manifest_link(monkeypatch, tmp_path):
     m = fake_bundle(tmp_path / "bundle")
-    built: list[str] = []
-    fake_gpu(monkeypatch, fake_tensorrt("11.0.0.13", {g.file: [t.name for t in g.inputs] for g in m.graphs}, built))
+    built: list = []
+    cudart = fake_build(monkeypatch, m, built)
     cache = tmp_path / "shared.cache"
     trt_steps.write_file_atomically(cache, b"old")
     lines: list[str] = []
     result = build_engines(tmp_path / "bundle", BuildOptions(max_context=32, timing_cache=cache), lines.append)
 
     engines = tmp_path / "bundle" / ENGINES_DIR
-    assert built == ["vision_encoder.onnx", "projector.onnx", "decoder.onnx"]
+    # fp32 graphs: TF32 cleared on every one
+    assert built == [("vision_encoder.onnx", False), ("projector.onnx", False), ("decoder.onnx", False)]
     assert (engines / "decoder.plan").read_bytes() == b"plan:decoder.onnx"
     assert sorted(p.name for p in engines.iterdir()) == [
         "decoder.plan", "engines.json", "projector.plan", "timing.cache", "vision_encoder.plan"
@@ -592,20 +835,52 @@ def test_build_engines_writes_plans_engines_json_and_the_manifest_link(monkeypat
     decoder = result["engines"]["decoder"]
     assert decoder["onnx_sha256"] == file_sha256(tmp_path / "bundle" / "decoder.onnx")
     assert [p["axes"]["total"] for p in decoder["profiles"]] == [[1, 32, 32], [1, 32, 32]]
+    assert [p["axes"]["seq"] for p in decoder["profiles"]] == [[1, 32, 32], [1, 1, 1]]
+    # Each profile's context memory, measured by opening the contexts as the runtime does, printed and recorded.
+    prefill_bytes = 14 * 32 * 32 * 4 * 3
+    assert decoder["device_memory_bytes"] == [prefill_bytes, 14 * 1 * 32 * 4 * 3]
+    assert "decoder engine: 0.00 GiB of weights and kernels; device memory per context profile: prefill 0.00 GiB, " \
+           "decode 0.00 GiB" in lines
+    assert result["engines"]["vision_encoder"]["device_memory_bytes"] == [8 * (64 << 20)]
+    assert "vision_encoder engine: 0.00 GiB of weights and kernels; device memory per context profile: tiles 0.50 GiB" \
+        in lines
+    assert cudart.allocations == {}  # the check's contexts and scratch are gone
     assert result["build_options"]["max_context"] == 32
     # Each build grows the cache it was given; the last one is saved in the bundle and to the shared file.
     assert cache.read_bytes() == (engines / "timing.cache").read_bytes() == b"old+tactics+tactics+tactics"
     assert Manifest.load(tmp_path / "bundle").engines == "engines/engines.json"
     assert lines[0] == (
-        "building TensorRT 11.0.0.13 engines for NVIDIA H100 80GB HBM3 (compute capability 9.0); timing cache: "
-        f"{cache}"
+        "building TensorRT 11.0.0.13 engines for NVIDIA H100 80GB HBM3 (compute capability 9.0, 80.00 GiB); "
+        f"timing cache: {cache}"
     )
+    assert lines[1] == "limits: 32 positions per sequence (prefill chunks of 32), batch 1, 8 tiles per vision run"
     assert [p.name for p in (tmp_path / "bundle").iterdir() if p.name.startswith(".")] == []  # no staging left
+
+
+def test_build_engines_defaults_the_context_to_the_gpus_memory(monkeypatch, tmp_path):
+    m = fake_bundle(tmp_path / "bundle")
+    fake_build(monkeypatch, m, [], FakeCudart(memory_bytes=1 << 30))
+    result = build_engines(tmp_path / "bundle", BuildOptions(), lambda _: None)
+    # toy text: 4 heads x 64-position chunk x 12 bytes + 2 KiB of KV per position -> the model's 64 fit in 1 GiB
+    assert result["engines"]["decoder"]["profiles"][0]["axes"]["total"] == [1, 64, 64]
+
+
+def test_build_engines_refuses_an_engine_whose_context_cannot_be_created(monkeypatch, tmp_path):
+    m = fake_bundle(tmp_path / "bundle")
+    fake_build(monkeypatch, m, [], FakeCudart(memory_bytes=256 << 20))
+    with pytest.raises(BackendUnavailableError) as error:
+        build_engines(tmp_path / "bundle", BuildOptions(max_context=32), lambda _: None)
+    assert str(error.value) == (
+        "vision_encoder.plan needs 0.50 GiB of device memory for its execution context (per profile: tiles 0.50 GiB) "
+        "and the GPU has 0.25 GiB free (cudaMalloc of 536870912 bytes failed: cudaErrorMemoryAllocation); rebuild "
+        "the engines with a smaller --max-context or --prefill-chunk"
+    )
+    assert not (tmp_path / "bundle" / ENGINES_DIR).exists()  # nothing half-built left in place
 
 
 def test_build_engines_refuses_a_graph_changed_behind_the_manifest(monkeypatch, tmp_path):
     m = fake_bundle(tmp_path / "bundle")
-    fake_gpu(monkeypatch, fake_tensorrt("11.0.0.13", {g.file: [t.name for t in g.inputs] for g in m.graphs}, []))
+    fake_build(monkeypatch, m, [])
     (tmp_path / "bundle" / "projector.onnx").write_bytes(b"edited")
     with pytest.raises(BundleError, match="projector.onnx does not match the sha256 in the manifest"):
         build_engines(tmp_path / "bundle", BuildOptions(max_context=32), lambda _: None)
@@ -622,7 +897,8 @@ def trt_bundle(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("trt") / "bundle"
     export_bundle("random:tiny", out, progress=lambda _: None)
-    build_engines(out, BuildOptions(max_batch=2, max_tiles=3, max_context=64, optimization_level=0), lambda _: None)
+    options = BuildOptions(max_batch=2, max_tiles=3, max_context=64, prefill_chunk=16, optimization_level=0)
+    build_engines(out, options, lambda _: None)
     return out
 
 
@@ -667,3 +943,35 @@ def test_real_engines_from_another_tensorrt_are_refused(trt_bundle, tmp_path):
     m = Manifest.load(bundle)
     with pytest.raises(BackendUnavailableError, match="built with TensorRT 10.0.0 but this is TensorRT"):
         TensorRTBackend().open_graph(bundle, m.graph("projector"))
+
+
+@pytest.mark.tensorrt
+@pytest.mark.skipif(not HAVE_TRT, reason=NO_TRT)
+def test_real_engine_limits_memory_and_chunked_prefill(trt_bundle):
+    """On the real API: limits read back from the plan, per-profile memory recorded, a prompt longer than the
+    prefill chunk (16) equal to ONNX Runtime's, and the session driven from a thread that never set the device."""
+    from vl_export.runtime.backends.ort import OrtBackend
+
+    m = Manifest.load(trt_bundle)
+    record = Engines.load(trt_bundle).engines["decoder"]
+    assert len(record.device_memory_bytes) == 2 and all(n > 0 for n in record.device_memory_bytes)
+    trt_decoder = TensorRTBackend().open_decoder(trt_bundle, m.graph("decoder"))
+    assert (trt_decoder.max_positions, trt_decoder.max_batch, trt_decoder.max_seq) == (64, 2, 16)
+    ort_decoder = OrtBackend().open_decoder(trt_bundle, m.graph("decoder"))
+    rng = np.random.default_rng(8)
+    hidden = m.model.text.hidden_size
+    embeds = rng.standard_normal((1, 40, hidden)).astype(np.float32)
+    feeds = (embeds, np.ones((1, 40), np.int64), np.arange(40)[None].astype(np.int64), np.array([[39, 3]]))
+    results = {}
+
+    def run(name, session):
+        session.reset(batch=1, capacity=48)
+        results[name] = (session.forward(*feeds), session.cache())
+
+    thread = threading.Thread(target=run, args=("trt", trt_decoder))
+    thread.start()
+    thread.join()
+    run("ort", ort_decoder)
+    np.testing.assert_allclose(results["trt"][0], results["ort"][0], atol=2e-3, rtol=2e-3)
+    for got, want in zip(results["trt"][1], results["ort"][1]):
+        np.testing.assert_allclose(got, want, atol=2e-3, rtol=2e-3)

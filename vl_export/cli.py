@@ -112,14 +112,17 @@ def _trt_options(args: argparse.Namespace):
     from vl_export.export.trt_profiles import BuildOptions
 
     return BuildOptions(max_batch=args.max_batch, max_tiles=args.max_tiles, max_context=args.max_context,
-                        optimization_level=args.opt_level,
+                        prefill_chunk=args.prefill_chunk, optimization_level=args.opt_level,
                         timing_cache=Path(args.timing_cache) if args.timing_cache else None)
 
 
 def _trt_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch", type=int, default=1, help="TensorRT: largest batch the decoder engine takes")
-    p.add_argument("--max-tiles", type=int, default=None, help="TensorRT: most tiles per vision run (default max tiles + 1)")
-    p.add_argument("--max-context", type=int, default=None, help="TensorRT: longest sequence (default: the model's)")
+    p.add_argument("--max-tiles", type=int, default=None, help="TensorRT: most tiles per vision run (default 8, the pipeline's run)")
+    p.add_argument("--max-context", type=int, default=None,
+                   help="TensorRT: positions per sequence, prompt + answer (default: what half the GPU's memory holds)")
+    p.add_argument("--prefill-chunk", type=int, default=None,
+                   help="TensorRT: positions per prefill run; longer prompts run in chunks (default 4096)")
     p.add_argument("--opt-level", type=int, default=None, help="TensorRT builder optimization level (0-5)")
     p.add_argument("--timing-cache", default=None, help="TensorRT timing cache file to reuse and update")
 

@@ -104,6 +104,7 @@ class EngineRecord:
     onnx_sha256: str
     profiles: tuple[Profile, ...]
     plan_bytes: int
+    device_memory_bytes: tuple[int, ...] = ()  # each profile's context memory, as the build measured it
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -113,12 +114,14 @@ class EngineRecord:
             "onnx_sha256": self.onnx_sha256,
             "profiles": [p.to_dict() for p in self.profiles],
             "plan_bytes": self.plan_bytes,
+            "device_memory_bytes": list(self.device_memory_bytes),
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EngineRecord:
         data = dict(data)
         data["profiles"] = tuple(Profile.from_dict(p) for p in data["profiles"])
+        data["device_memory_bytes"] = tuple(data.get("device_memory_bytes", ()))
         return cls(**data)
 
 

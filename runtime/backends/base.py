@@ -13,6 +13,8 @@ from vl_export.manifest import GraphEntry
 class GraphSession(ABC):
     """One graph compiled for one backend; numpy arrays in, numpy arrays out."""
 
+    max_tiles: int | None = None  # most tiles one run takes (a TensorRT engine's profile); None: no limit
+
     @abstractmethod
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
@@ -26,6 +28,10 @@ class DecoderSession(ABC):
 
     past_len: int = 0
     batch: int = 0
+    # What the session can hold, where it is less than the model's context (a TensorRT engine's profiles);
+    # None: no limit of its own. generate() clamps max_new_tokens to max_positions or refuses the prompt.
+    max_positions: int | None = None  # past + new positions per sequence
+    max_batch: int | None = None
 
     @abstractmethod
     def reset(self, batch: int, capacity: int) -> None:

@@ -3,8 +3,13 @@
 Plans are refused before deserialization when engines.json says they were built by another TensorRT version, for
 another GPU, or from another ONNX graph than the bundle holds now. The decoder's KV cache lives on the GPU in two
 flat buffers per KV tensor, as in ort.py: `present` is written into the spare buffer, which becomes the next step's
-`past`, so a step copies nothing but its new inputs in and its logits out. One execution context per engine switches
-optimization profile (prefill / decode) only when the request's shapes move to the other one.
+`past`, so a step copies nothing but its new inputs in and its logits out.
+
+Each optimization profile has its own execution context, set to its profile once: switching one context between
+prefill and decode would cost a layer resource update on every switch (NvInferRuntime.h's warning on
+setOptimizationProfileAsync). The contexts share one user-managed scratch allocation, sized for the largest profile
+(getDeviceMemorySizeForProfileV2), since a session never runs two of them at once. Every limit (batch, sequence,
+past, total, tiles) is read from the engine itself, never from the manifest's max_context.
 """
 
 from __future__ import annotations
@@ -13,15 +18,26 @@ from pathlib import Path
 
 import numpy as np
 
-from vl_export.engines import BACKEND, ENGINES_DIR, Engines, EngineRecord, Target, onnx_sha256, select_profile
+from vl_export.engines import (
+    BACKEND,
+    ENGINES_DIR,
+    EngineRecord,
+    Engines,
+    Profile,
+    Target,
+    onnx_sha256,
+    select_profile,
+)
 from vl_export.errors import BackendUnavailableError, BundleError, InputError
 from vl_export.manifest import GraphEntry
 
 from .base import Backend, DecoderSession, GraphSession
-from .cuda_rt import Cuda, DeviceBuffer, device_index, import_cudart, probe_gpu
-from .trt_plan import axis_sizes, kv_bytes, numpy_dtype, resolve_shape
+from .cuda_rt import Cuda, DeviceBuffer, device_index, import_cudart, probe_gpu, tensorrt_cuda_major
+from .trt_plan import axis_sizes, chunks, kv_bytes, numpy_dtype, profile_axes, resolve_shape
 
-MIN_TENSORRT_MAJOR = 10  # name-based tensors, INT64 IO and strongly typed networks
+# 10.0: name-based tensors, INT64 IO, strongly typed networks; 10.1: get_device_memory_size_for_profile_v2 and
+# set_device_memory(memory, size), which the user-managed contexts use.
+MIN_TENSORRT = (10, 1)
 
 
 def import_tensorrt():
@@ -31,10 +47,10 @@ def import_tensorrt():
         raise BackendUnavailableError(
             "the tensorrt backend needs TensorRT: pip install 'vl-export[trt]' or use NVIDIA's TensorRT container"
         ) from None
-    major = int(tensorrt.__version__.split(".")[0])
-    if major < MIN_TENSORRT_MAJOR:
+    version = tuple(int(part) for part in tensorrt.__version__.split(".")[:2])
+    if version < MIN_TENSORRT:
         raise BackendUnavailableError(
-            f"TensorRT {tensorrt.__version__} is too old; vl-export needs TensorRT 10 or newer"
+            f"TensorRT {tensorrt.__version__} is too old; vl-export needs TensorRT 10.1 or newer"
         )
     return tensorrt
 
@@ -46,9 +62,10 @@ class TensorRTBackend(Backend):
         index = device_index(device)
         trt = import_tensorrt()
         cudart = import_cudart()
-        self.gpu = probe_gpu(cudart, index)
+        self.gpu = probe_gpu(cudart, index, tensorrt_cuda_major())
         self.trt = trt
-        self.cuda = Cuda(cudart, index)
+        self.cuda = Cuda(cudart, index)  # the device is current in this thread; sessions re-assert it in theirs
+        self.allocation = trt.ExecutionContextAllocationStrategy.USER_MANAGED
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
         self.target = Target(trt.__version__, self.gpu.name, self.gpu.compute_capability)
@@ -61,6 +78,7 @@ class TensorRTBackend(Backend):
             engines.check_target(self.target)
             self._engines[bundle] = engines
         record = self._engines[bundle].record_for(entry, onnx_sha256(bundle, entry))
+        self.cuda.activate()  # the engine's weights go to the current device
         engine = self.runtime.deserialize_cuda_engine((bundle / ENGINES_DIR / record.file).read_bytes())
         if engine is None:
             raise BundleError(f"TensorRT cannot deserialize {ENGINES_DIR}/{record.file} (its log above says why)")
@@ -68,11 +86,11 @@ class TensorRTBackend(Backend):
 
     def open_graph(self, bundle: Path, entry: GraphEntry) -> GraphSession:
         engine, record = self._load(bundle, entry)
-        return TrtGraph(Bindings(engine, record, entry, self.cuda))
+        return TrtGraph(Bindings(engine, record, entry, self.cuda, self.allocation))
 
     def open_decoder(self, bundle: Path, entry: GraphEntry) -> DecoderSession:
         engine, record = self._load(bundle, entry)
-        return TrtDecoder(Bindings(engine, record, entry, self.cuda), entry)
+        return TrtDecoder(Bindings(engine, record, entry, self.cuda, self.allocation), entry)
 
     def describe(self) -> dict:
         return {
@@ -90,32 +108,79 @@ def engine_io(engine) -> dict[str, tuple[bool, str]]:
     return {n: (engine.get_tensor_mode(n).name == "INPUT", engine.get_tensor_dtype(n).name) for n in names}
 
 
-class Bindings:
-    """One engine's execution context, its profile choice, and one reusable device buffer per IO tensor."""
+def engine_profiles(engine, entry: GraphEntry, names: list[str]) -> list[Profile]:
+    """The engine's own optimization profiles as axis ranges (get_tensor_profile_shape), named as engines.json does."""
+    profiles = []
+    for i in range(engine.num_optimization_profiles):
+        shapes = {t.name: engine.get_tensor_profile_shape(t.name, i) for t in entry.inputs}
+        name = names[i] if i < len(names) else f"profile {i}"
+        profiles.append(Profile(name, profile_axes(entry.inputs, shapes, entry.role)))
+    return profiles
 
-    def __init__(self, engine, record: EngineRecord, entry: GraphEntry, cuda):
+
+def gib(nbytes: int) -> str:
+    return f"{nbytes / (1 << 30):.2f} GiB"
+
+
+def open_contexts(engine, file: str, profiles: list[Profile], allocation, scratch: DeviceBuffer, cuda) -> list:
+    """One execution context per profile, each set to its profile once, all on `scratch` (largest profile's size).
+
+    Raises BackendUnavailableError naming each profile's device memory when the GPU cannot hold them: this is what
+    `build_engines` runs after a build, so an engine whose context cannot be created is refused there."""
+    sizes = [int(engine.get_device_memory_size_for_profile_v2(i)) for i in range(len(profiles))]
+    need = max(sizes, default=0)
+    per_profile = ", ".join(f"{p.name} {gib(n)}" for p, n in zip(profiles, sizes))
+    try:
+        ptr = scratch.ensure(need) if need else 0
+    except RuntimeError as error:  # cudaMalloc's out-of-memory
+        raise BackendUnavailableError(
+            f"{file} needs {gib(need)} of device memory for its execution context (per profile: {per_profile}) and "
+            f"the GPU has {gib(cuda.free_bytes())} free ({error}); rebuild the engines with a smaller --max-context "
+            "or --prefill-chunk"
+        ) from None
+    contexts = []
+    for index, profile in enumerate(profiles):
+        context = engine.create_execution_context(allocation)
+        if context is None:
+            raise BackendUnavailableError(f"TensorRT could not create an execution context for {file} profile "
+                                          f"{profile.name} (per profile: {per_profile}; its log above says why)")
+        if index:  # a new context starts on profile 0; this raises RuntimeError when TensorRT refuses
+            context.set_optimization_profile_async(index, cuda.stream_handle)
+        context.set_device_memory(ptr, need)
+        contexts.append(context)
+    cuda.synchronize()
+    return contexts
+
+
+class Bindings:
+    """One engine's execution contexts (one per profile), its limits, and one reusable device buffer per IO tensor."""
+
+    def __init__(self, engine, record: EngineRecord, entry: GraphEntry, cuda, allocation):
         io = engine_io(engine)
         expected = {t.name: True for t in entry.inputs} | {t.name: False for t in entry.outputs}
         if {n: is_input for n, (is_input, _) in io.items()} != expected:
             raise BundleError(f"{ENGINES_DIR}/{record.file} has IO tensors {sorted(io)}, the manifest's {entry.role} "
                               f"graph has {sorted(expected)}; rebuild the engines")
-        self.engine = engine  # the context needs its engine alive
-        self.context = engine.create_execution_context()
-        if self.context is None:
-            raise RuntimeError(f"TensorRT could not create an execution context for {record.file} (out of GPU memory?)")
-        self.role, self.profiles, self.cuda = entry.role, record.profiles, cuda
+        cuda.activate()
+        self.engine = engine  # the contexts need their engine alive
+        self.role, self.cuda = entry.role, cuda
         self.inputs, self.outputs = entry.inputs, entry.outputs
+        self.profiles = engine_profiles(engine, entry, [p.name for p in record.profiles])
+        self.scratch = DeviceBuffer(cuda)
+        self.contexts = open_contexts(engine, record.file, self.profiles, allocation, self.scratch, cuda)
         self.dtypes = {n: numpy_dtype(dtype, n) for n, (_, dtype) in io.items()}
         self.buffers = {n: DeviceBuffer(cuda) for n in io}
-        self.profile = 0  # a new context starts on profile 0
+        self.profile = 0
+        self.context = self.contexts[0]
+
+    def largest(self, axis: str) -> int:
+        """The largest size of `axis` any profile takes (the engine's limit)."""
+        return max(p.axes[axis][2] for p in self.profiles)
 
     def use_profile(self, sizes: dict[str, int]) -> None:
-        index = select_profile(self.profiles, sizes, self.role)
-        if index != self.profile:
-            # Switching invalidates the input shapes; callers set every shape after this.
-            if not self.context.set_optimization_profile_async(index, self.cuda.stream_handle):
-                raise RuntimeError(f"TensorRT refused optimization profile {index} for the {self.role} engine")
-            self.profile = index
+        """Run the next call on the context of the tightest profile holding `sizes`; callers then set every shape."""
+        self.profile = select_profile(self.profiles, sizes, self.role)
+        self.context = self.contexts[self.profile]
 
     def set_input(self, name: str, shape: tuple[int, ...], ptr: int) -> None:
         if not self.context.set_input_shape(name, shape):
@@ -146,16 +211,20 @@ class Bindings:
         self.cuda.synchronize()
 
     def release(self) -> None:
-        for buffer in self.buffers.values():
+        self.cuda.activate()
+        self.contexts, self.context = [], None  # the contexts go before the memory they run on
+        for buffer in (*self.buffers.values(), self.scratch):
             buffer.release()
 
 
 class TrtGraph(GraphSession):
     def __init__(self, bindings: Bindings):
         self.io = bindings
+        self.max_tiles = bindings.largest("tiles")
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         io = self.io
+        io.cuda.activate()
         io.use_profile(axis_sizes(io.inputs, {n: a.shape for n, a in feeds.items()}, io.role))
         for t in io.inputs:
             io.copy_input(t.name, feeds[t.name])
@@ -181,17 +250,20 @@ class TrtDecoder(DecoderSession):
         self.kv_dtype = bindings.dtypes[self.past_names[0]]
         # The cache's own buffers: two sets (past, present) of one flat buffer per KV tensor, swapped every step.
         self.kv = [[DeviceBuffer(bindings.cuda) for _ in self.past_names] for _ in range(2)]
-        self.max_batch = max(p.axes["batch"][2] for p in bindings.profiles)
-        self.max_total = max(p.axes["total"][2] for p in bindings.profiles)
+        # The engine's limits, from its profiles: the runtime clamps a request to them or refuses it (generate.py).
+        self.max_batch = bindings.largest("batch")
+        self.max_positions = bindings.largest("total")  # past + new positions of one sequence
+        self.max_seq = bindings.largest("seq")  # positions per run; a longer prompt is prefilled in chunks
         self.capacity = 0
         self.current = 0
 
     def reset(self, batch: int, capacity: int) -> None:
-        if batch > self.max_batch or capacity > self.max_total:
+        if batch > self.max_batch or capacity > self.max_positions:
             raise InputError(
-                f"the decoder engine was built for batch <= {self.max_batch} and <= {self.max_total} positions, "
+                f"the decoder engine was built for batch <= {self.max_batch} and <= {self.max_positions} positions, "
                 f"asked for batch {batch} x {capacity}; rebuild the engines with larger limits"
             )
+        self.io.cuda.activate()
         per_position = kv_bytes(batch, 1, self.kv_heads, self.head_dim, self.kv_dtype)
         for buffer in (b for pair in self.kv for b in pair):
             buffer.ensure(per_position * capacity)  # a no-op while the buffers from an earlier request are enough
@@ -199,6 +271,27 @@ class TrtDecoder(DecoderSession):
         self.capacity = self.kv[0][0].nbytes // per_position
 
     def forward(self, inputs_embeds, attention_mask, position_ids, logits_positions) -> np.ndarray:
+        self.io.cuda.activate()  # this thread may not be the one that opened the session
+        s = inputs_embeds.shape[1]
+        if s <= self.max_seq:
+            return self._run(inputs_embeds, attention_mask, position_ids, logits_positions)
+        # Longer than the engine's prefill profile: run it in chunks, each on the cache the previous ones wrote,
+        # keeping from each chunk the logits of the asked positions that fall inside it.
+        past = self.past_len
+        if attention_mask.shape[1] != past + s:
+            raise InputError(f"attention_mask covers {attention_mask.shape[1]} positions, the cache and the new "
+                             f"tokens {past + s}")
+        logits = None
+        for start, end in chunks(s, self.max_seq):
+            local = np.clip(logits_positions - start, 0, end - start - 1)
+            out = self._run(inputs_embeds[:, start:end], attention_mask[:, : past + end], position_ids[:, start:end],
+                            local)  # (b, k, vocab)
+            logits = np.empty_like(out) if logits is None else logits
+            inside = (logits_positions >= start) & (logits_positions < end)  # (b, k)
+            logits[inside] = out[inside]
+        return logits
+
+    def _run(self, inputs_embeds, attention_mask, position_ids, logits_positions) -> np.ndarray:
         io = self.io
         arrays = dict(zip(self.STEP_INPUTS, (inputs_embeds, attention_mask, position_ids, logits_positions)))
         sizes = axis_sizes(self.step_specs, {n: a.shape for n, a in arrays.items()}, io.role)
@@ -228,6 +321,7 @@ class TrtDecoder(DecoderSession):
         return logits
 
     def cache(self) -> list[np.ndarray]:
+        self.io.cuda.activate()
         shape = (self.batch, self.kv_heads, self.past_len, self.head_dim)
         hosts = [np.empty(shape, self.kv_dtype) for _ in self.past_names]
         for host, buffer in zip(hosts, self.kv[self.current]):
@@ -236,6 +330,7 @@ class TrtDecoder(DecoderSession):
         return hosts
 
     def close(self) -> None:
+        self.io.cuda.activate()
         for buffer in (b for pair in self.kv for b in pair):
             buffer.release()
         self.io.release()

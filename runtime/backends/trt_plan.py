@@ -75,3 +75,24 @@ def axis_sizes(specs: Sequence[TensorSpec], shapes: Mapping[str, Sequence[int]],
 def resolve_shape(shape: Sequence[int | str], sizes: Mapping[str, int]) -> tuple[int, ...]:
     """A manifest shape with its symbolic axes replaced by their sizes: ('batch', 2, 'past', 64) -> (1, 2, 7, 64)."""
     return tuple(sizes[d] if isinstance(d, str) else d for d in shape)
+
+
+def profile_axes(specs: Sequence[TensorSpec], shapes: Mapping[str, Sequence[Sequence[int]]], what: str) -> dict:
+    """(min, opt, max) of each symbolic axis, read from an engine's (min, opt, max) shapes of its input tensors.
+
+    An axis that appears in several tensors (batch, past) must have one range, or the engine is not this graph's."""
+    axes: dict[str, tuple[int, int, int]] = {}
+    for t in specs:
+        low, opt, high = (tuple(s) for s in shapes[t.name])
+        for axis, name in enumerate(t.shape):
+            if isinstance(name, str):
+                got = (low[axis], opt[axis], high[axis])
+                if axes.setdefault(name, got) != got:
+                    raise BundleError(f"the {what} engine gives {name} the range {got} in {t.name} but "
+                                      f"{axes[name]} in another input; it was not built from this graph")
+    return axes
+
+
+def chunks(length: int, size: int) -> list[tuple[int, int]]:
+    """[start, end) runs of at most `size` positions covering `length`: a long prompt prefilled in pieces."""
+    return [(start, min(length, start + size)) for start in range(0, length, size)]
