@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vl_export import integrity
 from vl_export.errors import InputError
 from vl_export.manifest import Manifest
 
@@ -102,7 +103,8 @@ class Pipeline:
         self.backend = BackendSet(backends)
         self.max_tiles_per_run = max_tiles_per_run
         self.tokenizer = TextTokenizer(bundle / manifest.tokenizer, manifest.special_tokens)
-        self.embed_table = np.load(bundle / manifest.embed_tokens["file"], mmap_mode="r")  # (vocab, hidden)
+        self.embed_table = integrity.load_embed_table(bundle / manifest.embed_tokens["file"], manifest.embed_tokens,
+                                                      self.tokenizer.vocab_size)  # (vocab, hidden), memory-mapped
         pre = manifest.preprocessing
         self.tiling = TilingConfig(pre.image_size, pre.min_tiles, pre.max_tiles, pre.use_thumbnail, pre.mean, pre.std)
         if not lazy:  # load every graph now, so the first request pays no session start-up
@@ -123,7 +125,9 @@ class Pipeline:
 
     def _graph(self, role: str):
         backend = self.backends[role]
-        return backend, self.manifest.graph(role, backend.name)
+        entry = self.manifest.graph(role, backend.name)
+        integrity.graph_key(self.bundle, entry)  # a graph that is not what the manifest hashed is refused, by name
+        return backend, entry
 
     @cached_property
     def vision(self) -> GraphSession:

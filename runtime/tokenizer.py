@@ -17,6 +17,7 @@ class TextTokenizer:
             self.tokenizer = Tokenizer.from_file(str(path))
         except Exception as exc:
             raise BundleError(f"cannot read {path}: {exc}") from None
+        self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
         for token, token_id in special_tokens.items():
             if self.tokenizer.token_to_id(token) != token_id:
                 raise BundleError(f"{path.name} maps {token} to {self.tokenizer.token_to_id(token)}, the manifest says {token_id}")
