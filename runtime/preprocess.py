@@ -63,7 +63,9 @@ def load_image(image: ImageInput, exif_transpose: bool = False, max_pixels: int 
                 raise InputError(f"{name} is {pil.width}x{pil.height} = {pil.width * pil.height} pixels, over the "
                                  f"limit of {max_pixels}")
             pil.load()
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        except Image.DecompressionBombError:  # PIL's own check, in open(), far above ours
+            raise InputError(f"{name} has more pixels than it may decode, over the limit of {max_pixels}") from None
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
             raise InputError(f"{name} cannot be decoded as an image ({exc.__class__.__name__})") from None
     if pil.width == 0 or pil.height == 0:
         raise InputError(f"{name} has zero size ({pil.width}x{pil.height})")
