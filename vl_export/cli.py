@@ -305,13 +305,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 
+def one_line(message: str) -> str:
+    """Control characters escaped: a message quoting a bundle's text stays one line and sends no terminal escapes."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return COMMANDS[args.command](args)
     except VlExportError as exc:
-        print(f"vl-export: error: {exc}", file=sys.stderr)
+        print(f"vl-export: error: {one_line(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("vl-export: interrupted", file=sys.stderr)
