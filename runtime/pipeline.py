@@ -186,6 +186,8 @@ class Pipeline:
     ) -> Request:
         """Tile, place the <image> markers as chat() does, render the template, tokenise, check the length."""
         start = time.perf_counter()
+        system = self.manifest.system_message if system_message is None else system_message
+        prompts.check_text(prompts.conversation(question, history, system))  # before any image is decoded
         tiling = self.tiling if max_tiles is None else TilingConfig(**{**self.tiling.__dict__, "max_tiles": max_tiles})
         if video is not None:
             if images:
@@ -195,9 +197,7 @@ class Pipeline:
         else:
             pixel_values, tiles_per_image = preprocess_images(_as_list(images), tiling)
             question = prompts.with_placeholders(question, len(tiles_per_image), history)
-        system = self.manifest.system_message if system_message is None else system_message
         segments = prompts.conversation(question, history, system)
-        prompts.check_text(segments)
         segments = prompts.expand_image_segments(segments, tiles_per_image, self.manifest.model.num_image_tokens)
         ids = self.tokenizer.encode_segments(segments, self.parse_special_tokens)
         if len(ids) >= self.manifest.max_context:

@@ -316,3 +316,18 @@ def test_video_keeps_only_the_sampled_frames(monkeypatch, tmp_path):
 def test_preprocess_refuses_tile_limits_beyond_the_bound():
     with pytest.raises(InputError, match="not a valid range"):
         preprocess(Image.new("RGB", (32, 32)), TilingConfig(max_tiles=10**9))
+
+
+def test_tensorrt_plans_named_outside_the_bundle_are_refused(tmp_path):
+    from test_tensorrt import engines_for
+
+    from vl_export.engines import ENGINES_DIR, Engines
+
+    engines_for(tmp_path)
+    path = tmp_path / ENGINES_DIR / "engines.json"
+    data = json.loads(path.read_text())
+    (tmp_path.parent / "elsewhere.plan").write_bytes(b"plan")
+    data["engines"]["decoder"]["file"] = "../../elsewhere.plan"
+    path.write_text(json.dumps(data))
+    with pytest.raises(BundleError, match=r"engines.json engines.decoder.file 'engines/../../elsewhere.plan' points outside the bundle"):
+        Engines.load(tmp_path)
