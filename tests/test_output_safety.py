@@ -10,18 +10,9 @@ import sys
 
 import pytest
 
+from test_untrusted_bundle import run_cli
 from vl_export import files
-from vl_export.cli import main
 from vl_export.errors import VlExportError
-
-
-def run_cli(capsys, *argv) -> tuple[int, str]:
-    code = main([str(a) for a in argv])
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    errors = [line for line in err.splitlines() if line.startswith("vl-export: error:")]
-    assert len(errors) == (1 if code else 0), err
-    return code, errors[0] if errors else ""
 
 
 @pytest.fixture
