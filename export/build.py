@@ -9,10 +9,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vl_export.errors import InputError, VerificationFailed
-from vl_export.files import Progress, file_sha256, staged_directory, stderr_progress, step
+from vl_export.files import Progress, stderr_progress, step
 from vl_export.manifest import ROLES, GraphEntry, Manifest
 
-from .bundle import load_checkpoint, write_bundle
+from .bundle import with_hashes, check_out, load_checkpoint, output_directory, write_bundle
 from .trt_profiles import BuildOptions
 
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -53,13 +53,14 @@ def build_bundle(model: str, out: Path, config: BuildConfig = BuildConfig(), pro
         from .trt_build import build_target
 
         build_target(config.trt.device)  # no TensorRT or no GPU: say so before any work
+    check_out(model, Path(out), config.overwrite)
     calibration = None
     if config.precision == "int8":
         from vl_export.calibration.data import CalibrationSet
 
         calibration = CalibrationSet.from_paths(config.calib_images, config.calib_prompts)  # bad data fails first
     ck = load_checkpoint(model, progress)
-    with staged_directory(Path(out), config.overwrite) as staging:
+    with output_directory(ck, Path(out), config.overwrite) as staging:
         graph_precision = "fp16" if config.precision == "fp16" else "fp32"
         manifest = write_bundle(ck, staging, graph_precision, progress, embed_precision=config.precision)
         if calibration is not None:
@@ -165,8 +166,8 @@ def quantize_bundle(staging: Path, manifest: Manifest, source_sha: str, data, co
         for_whom = ", ".join(backends) if backends else "any backend"
         with step(progress, f"quantizing {role} ({recipe}, for {for_whom})"):
             make(staging / fp32[role].file, staging / file)
-        graphs.append(dataclasses.replace(fp32[role], file=file, precision="int8", recipe=recipe, backends=backends,
-                                          sha256=file_sha256(staging / file)))
+        graphs.append(with_hashes(dataclasses.replace(fp32[role], file=file, precision="int8", recipe=recipe,
+                                                     backends=backends), staging))
     for entry in fp32.values():
         for path in staging.glob(entry.file + "*"):
             path.unlink()

@@ -11,8 +11,8 @@ import numpy as np
 
 import vl_export
 from vl_export.errors import VlExportError
-from vl_export.files import Progress, file_sha256, staged_directory, stderr_progress, step
-from vl_export.manifest import ROLES, GraphEntry, Manifest, Preprocessing
+from vl_export.files import Progress, check_output, file_sha256, staged_directory, stderr_progress, step
+from vl_export.manifest import MANIFEST, ROLES, GraphEntry, Manifest, Preprocessing
 from vl_export.runtime.prompt import DEFAULT_SYSTEM_MESSAGE
 
 from . import checkpoint
@@ -73,12 +73,25 @@ def export_graphs(ck: checkpoint.Checkpoint, precision: str, staging: Path, prog
     for role in ROLES:
         with step(progress, f"exporting {role} ({precision})"):
             entry = export_graph(role, ck.model, ck.spec, precision, staging)
-            graphs.append(_with_hash(entry, staging))
+            graphs.append(with_hashes(entry, staging))
     return graphs
 
 
-def _with_hash(entry: GraphEntry, staging: Path) -> GraphEntry:
-    return dataclasses.replace(entry, sha256=file_sha256(staging / entry.file))
+def with_hashes(entry: GraphEntry, staging: Path) -> GraphEntry:
+    data = staging / (entry.file + ".data")  # ONNX external data of a large graph: its weights, hashed too
+    return dataclasses.replace(entry, sha256=file_sha256(staging / entry.file),
+                               data_sha256=file_sha256(data) if data.is_file() else None)
+
+
+def check_out(model: str, out: Path, overwrite: bool) -> None:
+    """Before any work: --out must not overlap a local checkpoint, be a symlink, or replace a non-bundle."""
+    local = Path(model).expanduser()
+    check_output(out, overwrite, [local] if local.exists() else [], must_hold=MANIFEST)
+
+
+def output_directory(ck: checkpoint.Checkpoint, out: Path, overwrite: bool):
+    """The staging directory for `out`, checked again against the resolved checkpoint (a hub id, random:...)."""
+    return staged_directory(Path(out), overwrite, protect=[ck.path], must_hold=MANIFEST)
 
 
 def load_checkpoint(model: str, progress: Progress) -> checkpoint.Checkpoint:
@@ -105,8 +118,9 @@ def export_bundle(
     """Export the checkpoint `model` (a directory, a cached hub id, or random:<preset>) to the bundle `out`."""
     if precision not in PRECISIONS:
         raise VlExportError(f"unknown dtype {precision!r} for export (choose from {', '.join(PRECISIONS)})")
+    check_out(model, Path(out), overwrite)
     ck = load_checkpoint(model, progress)
-    with staged_directory(Path(out), overwrite) as staging:
+    with output_directory(ck, Path(out), overwrite) as staging:
         manifest = write_bundle(ck, staging, precision, progress)
     progress(f"bundle written to {Path(out).absolute()}")
     return manifest

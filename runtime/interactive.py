@@ -24,7 +24,11 @@ def chat_loop(pipe: Pipeline, generation: GenerationConfig, max_tiles: int | Non
     print(HELP, file=stdout, flush=True)
     while True:
         print("> ", end="", file=stdout, flush=True)
-        line = stdin.readline()
+        try:
+            line = stdin.readline()
+        except UnicodeDecodeError:  # the terminal sent bytes that are not UTF-8: this line only is lost
+            print("error: the input is not valid UTF-8", file=stdout, flush=True)
+            continue
         if not line or line.strip() == "/exit":
             return 0
         line = line.strip()

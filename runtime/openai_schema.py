@@ -18,6 +18,8 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import math
+import os
 import time
 import uuid
 from dataclasses import dataclass
@@ -60,6 +62,15 @@ class Limits:
     max_tiles: int | None = None  # per image; None: the bundle's (12)
     max_tokens: int = 2048  # the most new tokens a request may ask for; also the default
 
+    def __post_init__(self):
+        from vl_export.errors import InputError
+
+        for name in ("max_body_bytes", "max_image_bytes", "max_image_pixels", "max_images", "max_tokens"):
+            if getattr(self, name) < 1:
+                raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.max_tiles is not None and not 1 <= self.max_tiles <= 256:
+            raise InputError(f"--max-tiles must be in [1, 256], got {self.max_tiles}")
+
 
 @dataclass(frozen=True)
 class ChatCall:
@@ -75,8 +86,11 @@ class ChatCall:
     model: str = ""
 
 
-def parse_chat_request(body: Any, model_id: str, limits: Limits = Limits(), allow_local_files: bool = False) -> ChatCall:
-    """Validate a decoded JSON body; every problem is an OpenAIError naming the offending field."""
+def parse_chat_request(body: Any, model_id: str, limits: Limits = Limits(),
+                       allow_local_files: str | os.PathLike | None = None) -> ChatCall:
+    """Validate a decoded JSON body; every problem is an OpenAIError naming the offending field.
+
+    allow_local_files: the directory local image paths and file:// URLs may read from (None: none)."""
     if not isinstance(body, dict):
         raise OpenAIError(400, "the request body must be a JSON object")
     model = body.get("model")
@@ -116,7 +130,7 @@ def _refuse_unsupported(body: dict) -> None:
         raise OpenAIError(400, "response_format other than text is not supported", "response_format")
 
 
-def _conversation(messages: Any, limits: Limits, allow_local_files: bool) -> tuple[str | None, list[tuple[str, list[bytes]]]]:
+def _conversation(messages: Any, limits: Limits, allow_local_files) -> tuple[str | None, list[tuple[str, list[bytes]]]]:
     """messages -> (system message, alternating user/assistant turns ending with a user turn)."""
     if not isinstance(messages, list) or not messages:
         raise OpenAIError(400, "messages must be a non-empty list", "messages")
@@ -154,7 +168,7 @@ def _with_markers(text: str, num_images: int) -> str:
     return "".join(f"Image-{i}: {IMAGE_PLACEHOLDER}\n" for i in range(1, num_images + 1)) + text
 
 
-def _content(content: Any, where: str, role: str, limits: Limits, allow_local_files: bool) -> tuple[str, list[bytes]]:
+def _content(content: Any, where: str, role: str, limits: Limits, allow_local_files) -> tuple[str, list[bytes]]:
     if content is None and role == "assistant":
         return "", []
     if isinstance(content, str):
@@ -180,7 +194,7 @@ def _content(content: Any, where: str, role: str, limits: Limits, allow_local_fi
     return "\n".join(texts), images
 
 
-def load_image_url(url: str, where: str, limits: Limits, allow_local_files: bool) -> bytes:
+def load_image_url(url: str, where: str, limits: Limits, allow_local_files) -> bytes:
     """A data: URL, or a local path / file:// URL where allowed -> the image's encoded bytes, checked."""
     scheme = "data" if url.startswith("data:") else urlparse(url).scheme.lower()
     if scheme == "data":
@@ -189,10 +203,10 @@ def load_image_url(url: str, where: str, limits: Limits, allow_local_files: bool
         raise OpenAIError(400, f"{where}: remote image URLs are not fetched by this server; send the image "
                                "inline as a data: URL (data:image/png;base64,...)", where, "remote_url_not_supported")
     elif scheme in ("", "file"):
-        if not allow_local_files:
+        if allow_local_files is None or allow_local_files is False:
             raise OpenAIError(400, f"{where}: local image paths are refused unless the server runs with "
                                    "--allow-local-files; send the image as a data: URL", where, "local_files_not_allowed")
-        data = _local_file(unquote(urlparse(url).path) if scheme == "file" else url, where, limits)
+        data = _local_file(unquote(urlparse(url).path) if scheme == "file" else url, where, limits, allow_local_files)
     else:
         raise OpenAIError(400, f"{where}: unsupported image URL scheme {scheme!r} (use a data: URL)", where)
     check_image(data, where, limits)
@@ -217,13 +231,19 @@ def _data_url(url: str, where: str, limits: Limits) -> bytes:
     return data
 
 
-def _local_file(path_text: str, where: str, limits: Limits) -> bytes:
-    path = Path(path_text)
+def _local_file(path_text: str, where: str, limits: Limits, root: str | os.PathLike) -> bytes:
+    """A file under `root` (symlinks resolved; relative paths are relative to it). Outside it, one answer whether the
+    file exists or not, so the server reveals nothing about the rest of the machine."""
+    real_root = Path(os.path.realpath(root))
+    path = Path(os.path.realpath(real_root / path_text)) if "\0" not in path_text else real_root
+    if real_root not in path.parents:
+        raise OpenAIError(400, f"{where}: local image paths must lie under the server's --allow-local-files "
+                               f"directory", where, "local_file_refused")
     if not path.is_file():
-        raise OpenAIError(400, f"{where}: image {path} not found", where)
+        raise OpenAIError(400, f"{where}: image {path_text} not found under the allowed directory", where)
     size = path.stat().st_size
     if size > limits.max_image_bytes:
-        raise OpenAIError(400, f"{where}: image {path} is {size} bytes, over this server's limit of "
+        raise OpenAIError(400, f"{where}: image {path_text} is {size} bytes, over this server's limit of "
                                f"{limits.max_image_bytes}", where, "image_too_large")
     return path.read_bytes()
 
@@ -278,7 +298,9 @@ def _optional(body: dict, name: str, kind: type, default: Any) -> Any:
     else:
         ok = isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool)
     if not ok:
-        raise OpenAIError(400, f"{name} must be {KIND_NAMES[kind]}, got {value!r}", name)
+        raise OpenAIError(400, f"{name} must be {KIND_NAMES[kind]}, got {value!r:.40}", name)
+    if kind is float and not math.isfinite(value):
+        raise OpenAIError(400, f"{name} must be a finite number, got {value!r}", name)
     return float(value) if kind is float else value
 
 

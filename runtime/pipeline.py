@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vl_export import integrity
 from vl_export.errors import InputError
 from vl_export.manifest import Manifest
 
@@ -96,35 +97,42 @@ class Stream:
 
 class Pipeline:
     def __init__(self, bundle: Path, manifest: Manifest, backends: dict[str, Backend], max_tiles_per_run: int = TILES_PER_RUN,
-                 lazy: bool = False):
+                 lazy: bool = False, parse_special_tokens: bool = False):
         self.bundle = bundle
         self.manifest = manifest
         self.backends = backends  # role -> backend; one backend for all graphs unless a per-graph spec asked otherwise
         self.backend = BackendSet(backends)
         self.max_tiles_per_run = max_tiles_per_run
+        self.parse_special_tokens = parse_special_tokens  # the reference's encoding of text; see runtime/prompt.py
         self.tokenizer = TextTokenizer(bundle / manifest.tokenizer, manifest.special_tokens)
-        self.embed_table = np.load(bundle / manifest.embed_tokens["file"], mmap_mode="r")  # (vocab, hidden)
+        self.embed_table = integrity.load_embed_table(bundle / manifest.embed_tokens["file"], manifest.embed_tokens,
+                                                      self.tokenizer.vocab_size)  # (vocab, hidden), memory-mapped
         pre = manifest.preprocessing
         self.tiling = TilingConfig(pre.image_size, pre.min_tiles, pre.max_tiles, pre.use_thumbnail, pre.mean, pre.std)
         if not lazy:  # load every graph now, so the first request pays no session start-up
             self.vision, self.projector, self.decoder  # noqa: B018
 
     @classmethod
-    def from_bundle(cls, path: str | Path, backend: str = "onnxruntime", max_tiles_per_run: int = TILES_PER_RUN, lazy: bool = False,
-                    **backend_options) -> Pipeline:
+    def from_bundle(cls, path: str | Path, backend: str = "onnxruntime", max_tiles_per_run: int = TILES_PER_RUN,
+                    lazy: bool = False, parse_special_tokens: bool = False, **backend_options) -> Pipeline:
         """Load a bundle. backend: onnxruntime (ort), openvino (ov) or tensorrt (trt), or one per graph, e.g.
         `vision=openvino,decoder=onnxruntime` (each graph where it runs fastest); options go to the backends that
         take them (threads=, device=, ...).
 
         lazy: open each graph on first use (calibration, for one, never needs the decoder of a vision-only pass).
+        parse_special_tokens: encode text as the reference does, special-token strings becoming control tokens
+        (default: text is plain text; see runtime/prompt.py).
         """
         path = Path(path)
         manifest = Manifest.load(path)
-        return cls(path, manifest, open_backends(backend, path, manifest, **backend_options), max_tiles_per_run, lazy)
+        return cls(path, manifest, open_backends(backend, path, manifest, **backend_options), max_tiles_per_run, lazy,
+                   parse_special_tokens)
 
     def _graph(self, role: str):
         backend = self.backends[role]
-        return backend, self.manifest.graph(role, backend.name)
+        entry = self.manifest.graph(role, backend.name)
+        integrity.graph_key(self.bundle, entry)  # a graph that is not what the manifest hashed is refused, by name
+        return backend, entry
 
     @cached_property
     def vision(self) -> GraphSession:
@@ -181,6 +189,8 @@ class Pipeline:
     ) -> Request:
         """Tile, place the <image> markers as chat() does, render the template, tokenise, check the length."""
         start = time.perf_counter()
+        system = self.manifest.system_message if system_message is None else system_message
+        prompts.check_text(prompts.conversation(question, history, system))  # before any image is decoded
         tiling = self.tiling if max_tiles is None else TilingConfig(**{**self.tiling.__dict__, "max_tiles": max_tiles})
         if video is not None:
             if images:
@@ -190,10 +200,9 @@ class Pipeline:
         else:
             pixel_values, tiles_per_image = preprocess_images(_as_list(images), tiling)
             question = prompts.with_placeholders(question, len(tiles_per_image), history)
-        system = self.manifest.system_message if system_message is None else system_message
-        text = prompts.render(question, history, system)
-        text = prompts.expand_images(text, tiles_per_image, self.manifest.model.num_image_tokens)
-        ids = self.tokenizer.encode(text)
+        segments = prompts.conversation(question, history, system)
+        segments = prompts.expand_image_segments(segments, tiles_per_image, self.manifest.model.num_image_tokens)
+        ids = self.tokenizer.encode_segments(segments, self.parse_special_tokens)
         if len(ids) >= self.manifest.max_context:
             raise InputError(f"the prompt is {len(ids)} tokens, over the model's context of {self.manifest.max_context}")
         return Request(ids, pixel_values, tiles_per_image, question, list(history), (time.perf_counter() - start) * 1000)

@@ -22,6 +22,9 @@ from vl_export.errors import InputError
 ImageInput = Union[str, os.PathLike, bytes, Image.Image]
 IMAGENET_MEAN = np.array((0.485, 0.456, 0.406), dtype=np.float32)
 IMAGENET_STD = np.array((0.229, 0.224, 0.225), dtype=np.float32)
+MAX_TILES = 256  # as the manifest's bound (vl_export.manifest_checks)
+MAX_IMAGE_PIXELS = 64_000_000  # decoded pixels per image, read from the header before decoding (as `serve`)
+MAX_FRAMES = 1024  # frames sampled from one video
 
 
 @dataclass(frozen=True)
@@ -33,10 +36,14 @@ class TilingConfig:
     mean: tuple[float, float, float] = tuple(IMAGENET_MEAN.tolist())
     std: tuple[float, float, float] = tuple(IMAGENET_STD.tolist())
     exif_transpose: bool = False
+    max_pixels: int = MAX_IMAGE_PIXELS
 
 
-def load_image(image: ImageInput, exif_transpose: bool = False) -> Image.Image:
-    """A path, encoded bytes or a PIL image -> an RGB PIL image; one clear error for anything else."""
+def load_image(image: ImageInput, exif_transpose: bool = False, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """A path, encoded bytes or a PIL image -> an RGB PIL image; one clear error for anything else.
+
+    The pixel count is read from the header and refused over `max_pixels` before anything is decoded: a 17 KB
+    PNG can hold 144 megapixels."""
     if isinstance(image, Image.Image):
         pil = image
         name = "the given PIL image"
@@ -52,7 +59,12 @@ def load_image(image: ImageInput, exif_transpose: bool = False) -> Image.Image:
             raise InputError(f"an image must be a path, bytes or a PIL image, not {type(image).__name__}")
         try:
             pil = Image.open(source)
+            if pil.width * pil.height > max_pixels:
+                raise InputError(f"{name} is {pil.width}x{pil.height} = {pil.width * pil.height} pixels, over the "
+                                 f"limit of {max_pixels}")
             pil.load()
+        except Image.DecompressionBombError:  # PIL's own check, in open(), far above ours
+            raise InputError(f"{name} has more pixels than it may decode, over the limit of {max_pixels}") from None
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
             raise InputError(f"{name} cannot be decoded as an image ({exc.__class__.__name__})") from None
     if pil.width == 0 or pil.height == 0:
@@ -63,15 +75,28 @@ def load_image(image: ImageInput, exif_transpose: bool = False) -> Image.Image:
 
 
 def target_grids(min_tiles: int, max_tiles: int) -> list[tuple[int, int]]:
-    # Built and sorted exactly as the reference: equal-area grids keep the set's iteration order, which
-    # decides the tie rule below; CPython hashes small-int tuples deterministically.
-    grids = set(
-        (i, j)
-        for n in range(min_tiles, max_tiles + 1)
-        for i in range(1, n + 1)
-        for j in range(1, n + 1)
-        if min_tiles <= i * j <= max_tiles
-    )
+    """The reference's candidate grids in the reference's order, in O(max_tiles log max_tiles) instead of cubic.
+
+    The reference builds a set with `for n in range(min, max + 1): for i in 1..n: for j in 1..n` and sorts it by
+    area; equal-area grids keep the set's iteration order, which decides the tie rule below. A set's order
+    depends only on its elements' hashes and their first-insertion order (CPython hashes small-int tuples
+    deterministically), so inserting each grid first at the same step as the reference gives the same set:
+    grid (i, j) first appears at n = max(min_tiles, i, j), in (i, j) row-major order within that n.
+    """
+    if not 1 <= min_tiles <= max_tiles <= MAX_TILES:
+        raise InputError(f"tile limits min {min_tiles}, max {max_tiles} are not a valid range (1 to {MAX_TILES})")
+    grids: set[tuple[int, int]] = set()
+    for i in range(1, min_tiles + 1):  # n = min_tiles: every i, j <= min_tiles
+        for j in range(1, min_tiles + 1):
+            if min_tiles <= i * j <= max_tiles:
+                grids.add((i, j))
+    for n in range(min_tiles + 1, max_tiles + 1):  # new at n: (i, n) for i < n, then (n, j) for j <= n
+        for i in range(1, min(n - 1, max_tiles // n) + 1):
+            if min_tiles <= i * n:
+                grids.add((i, n))
+        for j in range(1, min(n, max_tiles // n) + 1):
+            if min_tiles <= n * j:
+                grids.add((n, j))
     return sorted(grids, key=lambda x: x[0] * x[1])
 
 
@@ -114,9 +139,9 @@ def normalize(tile: Image.Image, config: TilingConfig) -> np.ndarray:
 
 def preprocess(image: ImageInput, config: TilingConfig = TilingConfig()) -> np.ndarray:
     """One image -> pixel_values (tiles, 3, size, size) float32."""
-    if config.max_tiles < config.min_tiles or config.min_tiles < 1:
-        raise InputError(f"tile limits min {config.min_tiles}, max {config.max_tiles} are not a valid range")
-    tiles = tile_image(load_image(image, config.exif_transpose), config)
+    if not 1 <= config.min_tiles <= config.max_tiles <= MAX_TILES:
+        raise InputError(f"tile limits min {config.min_tiles}, max {config.max_tiles} are not a valid range (1 to {MAX_TILES})")
+    tiles = tile_image(load_image(image, config.exif_transpose, config.max_pixels), config)
     return np.stack([normalize(t, config) for t in tiles])
 
 
@@ -139,22 +164,23 @@ def frame_indices(num_frames: int, fps: float, num_segments: int, bound: tuple[f
 
 
 def preprocess_video(video: str | os.PathLike, num_segments: int = 8, config: TilingConfig = TilingConfig()) -> tuple[np.ndarray, list[int]]:
-    """A video file -> one tile per sampled frame (frames, 3, size, size), as the card's load_video(max_num=1)."""
-    frames = read_video_frames(video)
-    if len(frames) < num_segments:
-        raise InputError(f"video {video} has {len(frames)} frames, fewer than the {num_segments} asked for")
-    fps = frames.fps
+    """A video file -> one tile per sampled frame (frames, 3, size, size), as the card's load_video(max_num=1).
+
+    Two passes over the file: the first counts frames, the second keeps only the sampled ones, so memory does
+    not grow with the clip's length."""
+    if not isinstance(num_segments, int) or not 1 <= num_segments <= MAX_FRAMES:
+        raise InputError(f"the number of video frames must be in [1, {MAX_FRAMES}], got {num_segments}")
+    total, fps = count_video_frames(video)
+    if total < num_segments:
+        raise InputError(f"video {video} has {total} frames, fewer than the {num_segments} asked for")
+    indices = frame_indices(total, fps, num_segments)
     one_tile = TilingConfig(**{**config.__dict__, "min_tiles": 1, "max_tiles": 1})
-    pixel_values = [preprocess(frames[i], one_tile) for i in frame_indices(len(frames), fps, num_segments)]
+    frames = read_video_frames(video, set(indices))
+    pixel_values = [preprocess(frames[i], one_tile) for i in indices]
     return np.concatenate(pixel_values), [len(p) for p in pixel_values]
 
 
-class _Frames(list):
-    fps: float = 0.0
-
-
-def read_video_frames(video: str | os.PathLike) -> _Frames:
-    """Decode every frame of a video with PyAV (the `video` extra) as RGB PIL images."""
+def _open_video(video: str | os.PathLike):
     try:
         import av
     except ImportError:
@@ -162,15 +188,34 @@ def read_video_frames(video: str | os.PathLike) -> _Frames:
     path = Path(video)
     if not path.is_file():
         raise InputError(f"video {path} not found")
-    frames = _Frames()
+    return av, path
+
+
+def count_video_frames(video: str | os.PathLike) -> tuple[int, float]:
+    """(frames, frames per second), decoding but keeping nothing."""
+    av, path = _open_video(video)
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
                 raise InputError(f"{path} has no video stream")
             stream = container.streams.video[0]
-            frames.fps = float(stream.average_rate or stream.guessed_rate or 0) or 1.0
-            for frame in container.decode(stream):
-                frames.append(frame.to_image().convert("RGB"))
+            fps = float(stream.average_rate or stream.guessed_rate or 0) or 1.0
+            return sum(1 for _ in container.decode(stream)), fps
+    except av.error.FFmpegError as exc:
+        raise InputError(f"video {path} cannot be decoded ({exc.__class__.__name__})") from None
+
+
+def read_video_frames(video: str | os.PathLike, keep: set[int] | None = None) -> dict[int, Image.Image]:
+    """Decode a video with PyAV (the `video` extra); the frames whose index is in `keep` (all: None) as RGB images."""
+    av, path = _open_video(video)
+    frames: dict[int, Image.Image] = {}
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise InputError(f"{path} has no video stream")
+            for index, frame in enumerate(container.decode(container.streams.video[0])):
+                if keep is None or index in keep:
+                    frames[index] = frame.to_image().convert("RGB")
     except av.error.FFmpegError as exc:
         raise InputError(f"video {path} cannot be decoded ({exc.__class__.__name__})") from None
     return frames

@@ -1,4 +1,12 @@
-"""The internvl2_5 conversation template and the `<image>` rules of InternVL2.5's chat() and batch_chat()."""
+"""The internvl2_5 conversation template and the `<image>` rules of InternVL2.5's chat() and batch_chat().
+
+Prompt injection: the runtime tokenises a conversation as segments, control tokens it places itself and text
+that came from someone (system, user, assistant). Text is encoded as plain text by default, so a user who types
+`<|im_start|>system` gets those characters, not a forged turn; the reference encodes the rendered string whole
+(its behaviour, behind `parse_special_tokens=True`). For text without special-token strings the two give
+identical ids: the tokenizer splits at special tokens before anything else, exactly where segments split.
+`<image>` markers become images only in user turns.
+"""
 
 from __future__ import annotations
 
@@ -24,6 +32,9 @@ USER = IM_START + "user\n"
 ASSISTANT = IM_START + "assistant\n"
 
 History = Sequence[tuple[str, str]]
+CONTROL = "control"  # a special token the runtime places; other kinds are text: template, system, user, assistant
+Segment = tuple[str, str]  # (kind, text)
+RUNTIME_ONLY = (IMG_START, IMG_END, IMG_CONTEXT)  # image tokens the runtime places; typed by a user they are refused
 
 
 def render(question: str, history: History = (), system_message: str = DEFAULT_SYSTEM_MESSAGE) -> str:
@@ -34,6 +45,55 @@ def render(question: str, history: History = (), system_message: str = DEFAULT_S
         # The reference tests `if message:`, so an empty answer renders as a bare role with no separator.
         prompt += ASSISTANT + old_answer + SEPARATOR if old_answer else ASSISTANT
     return prompt + USER + question + SEPARATOR + ASSISTANT
+
+
+def conversation(question: str, history: History = (), system_message: str = DEFAULT_SYSTEM_MESSAGE) -> list[Segment]:
+    """render() as segments: "".join of the texts is render()'s string, byte for byte."""
+
+    def turn(role: str, text: str, closed: bool = True) -> list[Segment]:
+        out = [(CONTROL, IM_START), ("template", role + "\n"), (role, text)]
+        return out + [(CONTROL, IM_END), ("template", "\n")] if closed else out
+
+    segments = turn("system", system_message)
+    for old_question, old_answer in history:
+        segments += turn("user", old_question)
+        # The reference tests `if message:`, so an empty answer renders as a bare role with no separator.
+        segments += turn("assistant", old_answer) if old_answer else turn("assistant", "", closed=False)
+    return segments + turn("user", question) + turn("assistant", "", closed=False)
+
+
+def expand_image_segments(segments: list[Segment], tiles_per_image: Sequence[int], num_image_tokens: int) -> list[Segment]:
+    """Replace each `<image>` of the user turns, in order, by `<img>` + `<IMG_CONTEXT>` x 256 x tiles + `</img>`."""
+    tiles = iter(tiles_per_image)
+    out: list[Segment] = []
+    for kind, text in segments:
+        if kind != "user" or IMAGE_PLACEHOLDER not in text:
+            out.append((kind, text))
+            continue
+        first, *rest = text.split(IMAGE_PLACEHOLDER)
+        out.append((kind, first))
+        for after in rest:
+            n = next(tiles, None)
+            if n is None:
+                raise InputError("more <image> placeholders than images")
+            out += [(CONTROL, IMG_START), *[(CONTROL, IMG_CONTEXT)] * (num_image_tokens * n), (CONTROL, IMG_END), (kind, after)]
+    if next(tiles, None) is not None:
+        raise InputError("more images than <image> placeholders in the user turns")
+    return out
+
+
+def check_text(segments: Sequence[Segment]) -> None:
+    """Refuse text the runtime cannot encode honestly: image tokens only it may place, text that is not UTF-8."""
+    for kind, text in segments:
+        if kind == CONTROL:
+            continue
+        for token in RUNTIME_ONLY:
+            if token in text:
+                raise InputError(f"the {kind} text holds {token}, which only the runtime places (images go in as images)")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InputError(f"the {kind} text is not valid UTF-8") from None
 
 
 def with_placeholders(question: str, num_images: int, history: History = ()) -> str:

@@ -5,6 +5,7 @@ Greedy is sampling with top-k 1; it takes the first index among equal maxima, as
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,6 +25,12 @@ class GenerationConfig:
     ignore_eos: bool = False  # keep going past the stop tokens (benchmarks want exactly max_new_tokens)
 
     def __post_init__(self):
+        for name in ("temperature", "top_p", "repetition_penalty"):  # NaN passes every comparison below
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise InputError(f"{name} must be a finite number, got {value}")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise InputError(f"seed must be in [0, 2**63), got {self.seed}")
         if self.max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
         if self.temperature < 0:

@@ -11,10 +11,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from vl_export.errors import VlExportError
 
@@ -29,10 +31,28 @@ class ServerConfig:
     model_id: str
     host: str = "127.0.0.1"
     port: int = 8000
-    allow_local_files: bool = False
-    max_queue: int = 16
+    allow_local_files: str | None = None  # the directory image paths may be read from; None: no local files
+    max_queue: int = 16  # requests waiting beyond the running ones; 0: no waiting
     timeout_s: float = 300.0  # per request, from arrival to the last token
     limits: Limits = field(default_factory=Limits)
+    read_timeout_s: float = 30.0  # to receive a request's headers, and again its body
+    max_connections: int = 64  # open connections; more get 503
+    docs: bool = False  # /docs and /openapi.json
+
+    def __post_init__(self):
+        from vl_export.errors import InputError
+
+        if not 0 <= self.port <= 65535:
+            raise InputError(f"--port must be in [0, 65535], got {self.port}")
+        if self.max_queue < 0:
+            raise InputError(f"--max-queue must be 0 or more, got {self.max_queue}")
+        for name, value in (("--timeout", self.timeout_s), ("read timeout", self.read_timeout_s)):
+            if not (math.isfinite(value) and value > 0):
+                raise InputError(f"{name} must be a positive number of seconds, got {value}")
+        if self.max_connections < 1:
+            raise InputError(f"the connection limit must be at least 1, got {self.max_connections}")
+        if self.allow_local_files is not None and not Path(self.allow_local_files).is_dir():
+            raise InputError(f"--allow-local-files {self.allow_local_files} is not a directory")
 
 
 class ClientGone(Exception):
@@ -52,7 +72,9 @@ def _fastapi():
 def create_app(queue: GenerationQueue, config: ServerConfig):
     """The ASGI app; the queue (and its Pipelines) belongs to the caller."""
     fastapi, responses, exceptions = _fastapi()
-    app = fastapi.FastAPI(title="vl-export", description="OpenAI-compatible chat completions for an InternVL2.5 bundle")
+    docs = {} if config.docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}  # off unless asked
+    app = fastapi.FastAPI(title="vl-export", description="OpenAI-compatible chat completions for an InternVL2.5 bundle",
+                          **docs)
     started = int(time.time())
 
     def error_response(error: OpenAIError, headers: dict | None = None):
@@ -82,7 +104,11 @@ def create_app(queue: GenerationQueue, config: ServerConfig):
     async def chat_completions(request):
         arrival = time.monotonic()
         try:
-            body = await _read_body(request, config.limits.max_body_bytes)
+            try:
+                body = await asyncio.wait_for(_read_body(request, config.limits.max_body_bytes), config.read_timeout_s)
+            except asyncio.TimeoutError:
+                raise OpenAIError(408, f"the request body did not arrive within {config.read_timeout_s:g} s", None,
+                                  "request_timeout") from None
             # Parsing megabytes of JSON and base64 and reading image headers is CPU work: keep it off the event loop.
             call = await asyncio.to_thread(_parse, body, config)
             exchange = Exchange(queue, call, request, arrival + config.timeout_s, config)
@@ -106,10 +132,16 @@ def create_app(queue: GenerationQueue, config: ServerConfig):
 
 def _parse(body: bytes, config: ServerConfig) -> ChatCall:
     try:
-        payload = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        payload = json.loads(body, parse_constant=_no_constant)
+    except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError is a ValueError; so are NaN and Infinity
         raise OpenAIError(400, f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise OpenAIError(400, "the request body is not valid JSON: nested too deeply") from None
     return parse_chat_request(payload, config.model_id, config.limits, config.allow_local_files)
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
 
 
 async def _read_body(request, limit: int) -> bytes:
@@ -248,9 +280,16 @@ def run_server(pipelines: Sequence, config: ServerConfig, log_level: str = "info
     queue = GenerationQueue(pipelines, config.max_queue)
     try:
         uvicorn.run(create_app(queue, config), host=config.host, port=config.port, log_level=log_level,
-                    timeout_graceful_shutdown=5)
+                    timeout_graceful_shutdown=5, **_connection_limits(config))
     finally:
         queue.close()
+
+
+def _connection_limits(config: ServerConfig) -> dict:
+    """uvicorn settings: a deadline on request headers, and a cap on connections (503 beyond it)."""
+    from .http_deadline import protocol_class
+
+    return {"http": protocol_class(config.read_timeout_s), "limit_concurrency": config.max_connections}
 
 
 class BackgroundServer:
@@ -264,7 +303,8 @@ class BackgroundServer:
         self.socket = socket.socket()
         self.socket.bind((config.host, config.port))  # port 0: the OS picks a free one, with no race
         self.url = f"http://{config.host}:{self.socket.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(create_app(self.queue, config), log_level=log_level))
+        self.server = uvicorn.Server(uvicorn.Config(create_app(self.queue, config), log_level=log_level,
+                                                    **_connection_limits(config)))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
 
     def __enter__(self) -> str:

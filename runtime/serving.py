@@ -90,7 +90,8 @@ class GenerationQueue:
         with self._cond:
             if self._closed:
                 raise QueueFull("the server is shutting down")
-            if len(self._jobs) >= self.max_queue:
+            free = len(self._threads) - self.running  # workers that will take a queued job at once
+            if len(self._jobs) >= self.max_queue + free:  # max_queue counts only jobs that must wait
                 self.counts["rejected"] += 1
                 raise QueueFull(f"the server is busy: {self.running} requests running and {len(self._jobs)} waiting "
                                 f"(queue limit {self.max_queue}); retry later")

@@ -8,7 +8,7 @@ from tokenizers import Tokenizer
 
 from vl_export.errors import BundleError
 
-from .prompt import END_OF_TEXT, IM_END, IMG_CONTEXT
+from .prompt import CONTROL, END_OF_TEXT, IM_END, IMG_CONTEXT
 
 
 class TextTokenizer:
@@ -17,6 +17,10 @@ class TextTokenizer:
             self.tokenizer = Tokenizer.from_file(str(path))
         except Exception as exc:
             raise BundleError(f"cannot read {path}: {exc}") from None
+        self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
+        self.plain = Tokenizer.from_file(str(path))
+        self.plain.encode_special_tokens = True  # special-token strings in text stay text
+        self.special_ids = frozenset(special_tokens.values())
         for token, token_id in special_tokens.items():
             if self.tokenizer.token_to_id(token) != token_id:
                 raise BundleError(f"{path.name} maps {token} to {self.tokenizer.token_to_id(token)}, the manifest says {token_id}")
@@ -28,6 +32,32 @@ class TextTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def encode_plain(self, text: str) -> list[int]:
+        """Text as text: `<|im_start|>` typed by a user is the characters, never the control token."""
+        ids = self.plain.encode(text, add_special_tokens=False).ids if text else []
+        if self.special_ids.intersection(ids):  # a tokenizer that does not mark a control token as special
+            raise BundleError("the bundle's tokenizer.json does not mark its control tokens as special; "
+                              "text cannot be encoded safely")
+        return ids
+
+    def encode_segments(self, segments, parse_special_tokens: bool = False) -> list[int]:
+        """A conversation's segments (prompt.conversation) -> ids: control tokens by id, text as plain text.
+
+        parse_special_tokens: the reference's behaviour, the joined string encoded whole (special strings in
+        text become control tokens)."""
+        if parse_special_tokens:
+            return self.encode("".join(text for _, text in segments))
+        ids: list[int] = []
+        pending: list[str] = []
+        for kind, text in segments:
+            if kind == CONTROL:
+                ids += self.encode_plain("".join(pending))
+                pending = []
+                ids.append(self.tokenizer.token_to_id(text))
+            else:
+                pending.append(text)
+        return ids + self.encode_plain("".join(pending))
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)

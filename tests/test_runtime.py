@@ -16,7 +16,7 @@ from PIL import Image
 import reference_impl as ref
 from vl_export.errors import BundleError, InputError
 from vl_export.runtime import GenerationConfig, Pipeline
-from vl_export.runtime.preprocess import read_video_frames
+from vl_export.runtime.preprocess import count_video_frames, read_video_frames
 
 NEW_TOKENS = 32
 
@@ -102,8 +102,10 @@ def write_video(path, frames: int, size=(320, 240), fps=10):
 def test_video_prompt_and_frames(pipe, hf_tokenizer, tmp_path):
     video = write_video(tmp_path / "clip.mp4", frames=40)
     request = pipe.prepare("What happens?", video=video, num_frames=8)
+    total, fps = count_video_frames(video)
     frames = read_video_frames(video)
-    indices = ref.get_index(None, frames.fps, len(frames) - 1, num_segments=8)
+    assert len(frames) == total == 40
+    indices = ref.get_index(None, fps, total - 1, num_segments=8)
     want = torch.cat([ref.load_image(frames[i], max_num=1) for i in indices]).numpy()
     np.testing.assert_allclose(request.pixel_values, want, atol=1e-6, rtol=0)
     prefix = "".join(f"Frame{i + 1}: <image>\n" for i in range(8))

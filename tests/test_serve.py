@@ -343,21 +343,21 @@ def test_local_files_only_when_allowed(tmp_path):
     body = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": f"file://{path}"}}]}]}
     with pytest.raises(OpenAIError, match="--allow-local-files"):
         parse_chat_request(body, MODEL, LIMITS)
-    assert parse_chat_request(body, MODEL, LIMITS, allow_local_files=True).images == [PICTURE]
+    assert parse_chat_request(body, MODEL, LIMITS, allow_local_files=tmp_path).images == [PICTURE]
 
 
 # --- the command and the optional dependency ------------------------------------------------------------------
 
 
-def test_serve_command_passes_its_flags_to_the_server(monkeypatch, bundle_fp32):
+def test_serve_command_passes_its_flags_to_the_server(monkeypatch, bundle_fp32, tmp_path):
     import vl_export.runtime.server as server_module
 
     seen = {}
     monkeypatch.setattr(server_module, "run_server", lambda pipelines, config: seen.update(pipelines=pipelines, config=config))
     assert main(["serve", "--bundle", str(bundle_fp32), "--port", "9001", "--max-queue", "3", "--timeout", "7",
-                 "--allow-local-files", "--max-image-bytes", "1000", "--max-tokens", "64", "--threads", "1"]) == 0
+                 "--allow-local-files", str(tmp_path), "--max-image-bytes", "1000", "--max-tokens", "64", "--threads", "1"]) == 0
     config = seen["config"]
-    assert (config.model_id, config.port, config.max_queue, config.timeout_s, config.allow_local_files) == ("fp32", 9001, 3, 7.0, True)
+    assert (config.model_id, config.port, config.max_queue, config.timeout_s, config.allow_local_files) == ("fp32", 9001, 3, 7.0, str(tmp_path))
     assert (config.limits.max_image_bytes, config.limits.max_tokens) == (1000, 64)
     assert [type(p).__name__ for p in seen["pipelines"]] == ["Pipeline"]
 

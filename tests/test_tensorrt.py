@@ -797,7 +797,9 @@ def fake_bundle(path) -> Manifest:
     """A bundle whose files are placeholders: what build_engines reads besides the graphs TensorRT parses."""
     path.mkdir()
     m = manifest(SPEC_TOY)
-    m.embed_tokens = {"file": "embed_tokens.npy"}
+    # Manifest.load checks every field (#13): the toy's special tokens and table shape, placeholders all the same.
+    m.special_tokens = {t: i for i, t in enumerate(("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>"))}
+    m.embed_tokens = {"file": "embed_tokens.npy", "dtype": "float32", "shape": [11, 8]}
     for name in ("tokenizer.json", "embed_tokens.npy"):
         (path / name).write_text("")
     for i, g in enumerate(m.graphs):

@@ -49,7 +49,9 @@ def _backend_options(args: argparse.Namespace) -> dict:
     from vl_export.runtime.bench import parse_options
 
     options = parse_options(args.option)
-    if args.threads:
+    if args.threads is not None:
+        if args.threads < 1:
+            raise VlExportError(f"--threads must be at least 1, got {args.threads}")
         options["threads"] = args.threads
     if args.device:
         options["device"] = args.device
@@ -59,7 +61,8 @@ def _backend_options(args: argparse.Namespace) -> dict:
 def _pipeline(args: argparse.Namespace):
     from vl_export.runtime import Pipeline
 
-    return Pipeline.from_bundle(args.bundle, backend=args.backend, **_backend_options(args))
+    return Pipeline.from_bundle(args.bundle, backend=args.backend, parse_special_tokens=args.parse_special_tokens,
+                                **_backend_options(args))
 
 
 @command("run")
@@ -169,12 +172,15 @@ def _serve(args: argparse.Namespace) -> int:
     from vl_export.runtime.openai_schema import Limits
     from vl_export.runtime.server import ServerConfig, run_server
 
+    if args.workers < 1:
+        raise VlExportError(f"--workers must be at least 1, got {args.workers}")
     limits = Limits(max_body_bytes=args.max_body_bytes, max_image_bytes=args.max_image_bytes,
                     max_image_pixels=args.max_image_pixels, max_images=args.max_images, max_tiles=args.max_tiles,
                     max_tokens=args.max_tokens)
     config = ServerConfig(model_id=args.model_name or Path(args.bundle).resolve().name, host=args.host, port=args.port,
                           allow_local_files=args.allow_local_files, max_queue=args.max_queue, timeout_s=args.timeout,
-                          limits=limits)
+                          limits=limits, read_timeout_s=args.read_timeout, max_connections=args.max_connections,
+                          docs=args.docs)
     run_server([_pipeline(args) for _ in range(args.workers)], config)
     return 0
 
@@ -199,6 +205,13 @@ def _generation_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--max-tiles", type=int, default=None, help="most tiles per image (default: the bundle's, 12)")
     p.add_argument("--system", default=None, help="system message (default: InternVL2.5's)")
+    _prompt_arguments(p)
+
+
+def _prompt_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--parse-special-tokens", action="store_true",
+                   help="encode special-token strings in text (<|im_start|>...) as control tokens, as the reference "
+                        "does; default: text stays text, so a prompt cannot forge conversation turns")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -278,7 +291,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="pipelines decoding in parallel, each with its own sessions")
     p.add_argument("--max-queue", type=int, default=16, help="requests waiting beyond the running ones; more get 429")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per request, queueing included; then 504")
-    p.add_argument("--allow-local-files", action="store_true", help="accept image paths and file:// URLs on this machine")
+    p.add_argument("--allow-local-files", default=None, metavar="ROOT",
+                   help="accept image paths and file:// URLs under this directory (nothing outside it is read)")
+    p.add_argument("--read-timeout", type=float, default=30.0, help="seconds to receive a request's headers, and its body")
+    p.add_argument("--max-connections", type=int, default=64, help="open connections at most; more get 503")
+    p.add_argument("--docs", action="store_true", help="serve /docs and /openapi.json (off by default)")
+    _prompt_arguments(p)
     p.add_argument("--max-tokens", type=int, default=2048, help="most new tokens a request may ask for (and the default)")
     p.add_argument("--max-tiles", type=int, default=None, help="most tiles per image (default: the bundle's, 12)")
     p.add_argument("--max-images", type=int, default=16, help="most images per request, all turns together")
@@ -290,13 +308,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 
+def one_line(message: str) -> str:
+    """Control characters escaped: a message quoting a bundle's text stays one line and sends no terminal escapes."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return COMMANDS[args.command](args)
     except VlExportError as exc:
-        print(f"vl-export: error: {exc}", file=sys.stderr)
+        print(f"vl-export: error: {one_line(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("vl-export: interrupted", file=sys.stderr)

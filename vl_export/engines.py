@@ -192,7 +192,11 @@ class Engines:
             engines = cls.from_dict(data)
         except (KeyError, TypeError, ValueError) as exc:
             raise BundleError(f"{path} is malformed: {exc!r}") from None
+        from .manifest_checks import inside
+
+        inside(bundle, f"{ENGINES_DIR}/{ENGINES_FILE}", ENGINES_FILE)
         for record in engines.engines.values():
+            inside(bundle, f"{ENGINES_DIR}/{record.file}", f"{ENGINES_FILE} engines.{record.role}.file")  # no plan from elsewhere
             if not (path.parent / record.file).is_file():
                 raise BundleError(f"bundle {bundle} is incomplete: {ENGINES_DIR}/{record.file} is missing; {REBUILD}")
         return engines

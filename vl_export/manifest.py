@@ -42,6 +42,7 @@ class GraphEntry:
     recipe: str | None = None  # how the precision was reached, e.g. "w8a8-minmax" or "weight-only-int8"
     backends: tuple[str, ...] | None = None  # None: any backend; else only these (a backend-specific variant)
     sha256: str | None = None
+    data_sha256: str | None = None  # the ONNX external data file `<file>.data`, when the graph has one
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GraphEntry:
@@ -127,15 +128,21 @@ class Manifest:
             raise BundleError(f"bundle {bundle} not found: no such directory")
         if not path.is_file():
             raise BundleError(f"{bundle} is not a vl-export bundle: it has no {MANIFEST}")
+        from .manifest_checks import inside
+
+        inside(bundle, MANIFEST, MANIFEST)  # a manifest.json symlinked elsewhere is not read
         data, version = read_json_with_version(path)
         if version != SCHEMA_VERSION:
             raise BundleError(
                 f"bundle schema version {version} is not supported by this vl-export (it reads version "
                 f"{SCHEMA_VERSION}); rebuild the bundle with this version"
             )
+        from .manifest_checks import check_raw
+
+        check_raw(data, bundle)  # types, ranges, hashes, and every named file inside the bundle
         try:
             manifest = cls.from_dict(data)
-        except (KeyError, TypeError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise BundleError(f"{path} is malformed: {exc}") from None
         for name in [manifest.tokenizer, manifest.embed_tokens["file"], *(g.file for g in manifest.graphs)]:
             if not (bundle / name).is_file():

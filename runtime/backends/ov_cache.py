@@ -1,7 +1,7 @@
 """Where the OpenVINO backend keeps the IR it converts from a bundle's ONNX graphs, and how a cached IR is named.
 
 The design: each ONNX graph is converted once to OpenVINO IR (xml + bin, weights kept exactly, fp32 stays fp32)
-and saved under a name keyed by the graph's sha256 and the OpenVINO version, so a rebuilt graph or another
+and saved under a name keyed by the graph's verified content hash and the OpenVINO version, so a rebuilt graph or another
 OpenVINO never reads a stale file. The IR is independent of the options (precision, threads, device), so one
 copy serves every configuration; compiling stays per process. The cache lives beside the graphs in
 `<bundle>/openvino/` when the bundle is writable, else in the user cache ($VL_EXPORT_CACHE or ~/.cache/vl-export,
@@ -17,7 +17,8 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from vl_export.files import file_sha256
+from vl_export import integrity
+from vl_export.errors import BundleError
 from vl_export.manifest import GraphEntry
 
 SUBDIR = "openvino"
@@ -59,8 +60,18 @@ def version_tag(version: str) -> str:
 
 
 def ir_name(bundle: Path, entry: GraphEntry, version: str) -> str:
-    sha = entry.sha256 or file_sha256(Path(bundle) / entry.file)  # the manifest's hash, as engines.json trusts it
-    return f"{Path(entry.file).stem}.{sha[:16]}.{version_tag(version)}.xml"
+    """Keyed by the verified content hash (the graph and its external data), never by the manifest's claim."""
+    key = integrity.graph_key(Path(bundle), entry)
+    stem = re.sub(r"[^0-9A-Za-z_-]+", "_", Path(entry.file).stem)[:64]  # a plain file name, whatever the manifest says
+    return f"{stem}.{key[:16]}.{version_tag(version)}.xml"
+
+
+def cache_path(cache_dir: Path, name: str) -> Path:
+    """`name` inside `cache_dir`, checked: nothing a bundle says may place a cached file elsewhere."""
+    path = Path(cache_dir) / name
+    if Path(os.path.realpath(path)).parent != Path(os.path.realpath(cache_dir)):
+        raise BundleError(f"OpenVINO cache file {name!r} would land outside {cache_dir}")
+    return path
 
 
 def read_model(ov, core, bundle: Path, entry: GraphEntry, cache_dir: Path | None):
@@ -70,7 +81,7 @@ def read_model(ov, core, bundle: Path, entry: GraphEntry, cache_dir: Path | None
     onnx_files = [onnx, *onnx.parent.glob(onnx.name + ".data")]  # external data is memory-mapped too
     if cache_dir is None:
         return core.read_model(str(onnx)), onnx_files
-    xml = cache_dir / ir_name(bundle, entry, ov.get_version())
+    xml = cache_path(cache_dir, ir_name(bundle, entry, ov.get_version()))
     if not (xml.is_file() and xml.with_suffix(".bin").is_file()):
         model = core.read_model(str(onnx))
         try:
