@@ -17,6 +17,7 @@ from vl_export.errors import CheckpointError
 from vl_export.spec import ModelSpec
 
 from . import synthetic_tokenizer
+from . import internlm2
 from .checkpoint import native_config, native_to_original
 
 PRESET_DIR = Path(__file__).parent / "presets"
@@ -69,9 +70,13 @@ def write_original_checkpoint(model: nn.Module, config: dict, out_dir: Path, dty
     """config.json + model.safetensors in the original InternVLChatModel layout."""
     from safetensors.torch import save_file
 
-    state = {k: v.detach().to(dtype).contiguous() for k, v in native_to_original(model.state_dict()).items()}
+    state = native_to_original(model.state_dict())
     if config["llm_config"].get("tie_word_embeddings"):
         state.pop("language_model.lm_head.weight", None)
+    text = ModelSpec.from_config(config).text
+    if text.family == "internlm2":
+        state = internlm2.to_internlm2_names(state, text)
+    state = {k: v.detach().to(dtype).contiguous() for k, v in state.items()}
     save_file(state, out_dir / "model.safetensors", metadata={"format": "pt"})
     (out_dir / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
 

@@ -190,7 +190,7 @@ class Pipeline:
         system = self.manifest.system_message if system_message is None else system_message
         text = prompts.render(question, history, system)
         text = prompts.expand_images(text, tiles_per_image, self.manifest.model.num_image_tokens)
-        ids = self.tokenizer.encode(text)
+        ids = self.tokenizer.encode_prompt(text)
         if len(ids) >= self.manifest.max_context:
             raise InputError(f"the prompt is {len(ids)} tokens, over the model's context of {self.manifest.max_context}")
         return Request(ids, pixel_values, tiles_per_image, question, list(history), (time.perf_counter() - start) * 1000)

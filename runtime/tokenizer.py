@@ -8,7 +8,7 @@ from tokenizers import Tokenizer
 
 from vl_export.errors import BundleError
 
-from .prompt import END_OF_TEXT, IM_END, IMG_CONTEXT
+from .prompt import BOS, END_OF_TEXT, EOS, IM_END, IMG_CONTEXT
 
 
 class TextTokenizer:
@@ -21,13 +21,23 @@ class TextTokenizer:
             if self.tokenizer.token_to_id(token) != token_id:
                 raise BundleError(f"{path.name} maps {token} to {self.tokenizer.token_to_id(token)}, the manifest says {token_id}")
         self.im_end = special_tokens[IM_END]
-        self.end_of_text = special_tokens[END_OF_TEXT]
+        # Qwen2 ends text with <|endoftext|>, InternLM2 with </s>; each is also its model's pad token.
+        end_of_text = special_tokens.get(END_OF_TEXT, special_tokens.get(EOS))
+        if end_of_text is None:
+            raise BundleError(f"the manifest names neither {END_OF_TEXT} nor {EOS} among the special tokens")
+        self.end_of_text = end_of_text
         self.image_context = special_tokens[IMG_CONTEXT]
-        self.pad = self.end_of_text  # Qwen2's pad token
+        self.pad = self.end_of_text
         self.stop_ids = frozenset((self.im_end, self.end_of_text))
+        self.bos = special_tokens.get(BOS)  # InternLM2: chat() encodes every prompt after <s>
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """A rendered prompt's ids as the reference's tokenizer(query) gives them: <s> first where it adds one."""
+        ids = self.encode(text)
+        return ids if self.bos is None else [self.bos, *ids]
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
