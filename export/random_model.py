@@ -86,8 +86,12 @@ def create(name: str, out_dir: Path, seed: int = 0) -> Path:
     config = preset_config(name)
     config.pop("_note", None)
     text = config["llm_config"]
-    first_special = None if text.get("vocab_size") is None else text["vocab_size"] - 31
-    specials = synthetic_tokenizer.write_slow_files(out_dir, first_special_id=first_special)
+    if text.get("model_type") == "internlm2":  # InternVL's 9 tokens follow the sentencepiece model's pieces
+        pieces = None if text.get("vocab_size") is None else text["vocab_size"] - len(synthetic_tokenizer.INTERNVL_SPECIALS)
+        specials = synthetic_tokenizer.write_internlm2_files(out_dir, num_pieces=pieces)
+    else:
+        first_special = None if text.get("vocab_size") is None else text["vocab_size"] - 31
+        specials = synthetic_tokenizer.write_slow_files(out_dir, first_special_id=first_special)
     text["vocab_size"] = max(specials.values()) + 1
     spec = ModelSpec.from_config(config)
     model = random_model(spec, specials["<IMG_CONTEXT>"], seed)
