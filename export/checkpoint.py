@@ -213,7 +213,7 @@ def native_to_original(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
 
 def native_config(spec: ModelSpec, image_token_id: int):
     """The transformers InternVLConfig that holds the same model as `spec`."""
-    from transformers import InternVLConfig, InternVLVisionConfig, Qwen2Config
+    from transformers import InternVLConfig, InternVLVisionConfig, LlamaConfig, Qwen2Config
 
     v, t = spec.vision, spec.text
     vision = InternVLVisionConfig(
@@ -230,7 +230,7 @@ def native_config(spec: ModelSpec, image_token_id: int):
         layer_norm_eps=v.layer_norm_eps,
         use_mean_pooling=True,  # InternViT has no final LayerNorm
     )
-    text = internlm2.llama_config(t) if t.family == "internlm2" else Qwen2Config(
+    dims = dict(
         hidden_size=t.hidden_size,
         intermediate_size=t.intermediate_size,
         num_hidden_layers=t.num_layers,
@@ -243,6 +243,8 @@ def native_config(spec: ModelSpec, image_token_id: int):
         vocab_size=t.vocab_size,
         tie_word_embeddings=t.tie_word_embeddings,
     )
+    # InternLM2 computes what Llama does (export/internlm2.py); Qwen2 is Llama plus a q/k/v bias.
+    text = LlamaConfig(**dims, attention_bias=False, mlp_bias=False) if t.family == "internlm2" else Qwen2Config(**dims)
     return InternVLConfig(
         vision_config=vision,
         text_config=text,

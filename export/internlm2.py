@@ -40,6 +40,13 @@ def _pattern(template: str) -> re.Pattern:
     return re.compile(re.escape(template).replace(re.escape("{n}"), r"(?P<n>\d+)"))
 
 
+def _rename(name: str, rules: list[tuple[re.Pattern, str]]) -> str | None:
+    for pattern, target in rules:
+        if m := pattern.fullmatch(name):
+            return target.format(**m.groupdict())
+    return None
+
+
 _TO_LLAMA = [(_pattern(src), dst) for src, dst in RENAMES]
 _TO_INTERNLM2 = [(_pattern(dst), src) for src, dst in RENAMES]
 
@@ -80,12 +87,9 @@ def to_qwen2_names(state: dict[str, torch.Tensor], text: TextSpec) -> dict[str, 
             for qkv, part in zip("qkv", split_wqkv(tensor, text, key)):
                 out[PREFIX + SPLIT_QKV.format(n=m["n"], qkv=qkv)] = part
             continue
-        for pattern, target in _TO_LLAMA:
-            if m := pattern.fullmatch(name):
-                out[PREFIX + target.format(**m.groupdict())] = tensor
-                break
-        else:
+        if (target := _rename(name, _TO_LLAMA)) is None:
             raise CheckpointError(f"unexpected weight {key} in the InternLM2 checkpoint: no rule maps it to the model")
+        out[PREFIX + target] = tensor
     return out
 
 
@@ -102,34 +106,10 @@ def to_internlm2_names(state: dict[str, torch.Tensor], text: TextSpec) -> dict[s
         if m := split.fullmatch(name):
             parts.setdefault(m["n"], {})[m["qkv"]] = tensor
             continue
-        for pattern, target in _TO_INTERNLM2:
-            if m := pattern.fullmatch(name):
-                out[PREFIX + target.format(**m.groupdict())] = tensor
-                break
-        else:
+        if (target := _rename(name, _TO_INTERNLM2)) is None:
             raise CheckpointError(f"no InternLM2 name for weight {key}")
+        out[PREFIX + target] = tensor
     for n, qkv in parts.items():
         out[PREFIX + FUSED_QKV.format(n=n)] = fuse_wqkv(qkv["q"], qkv["k"], qkv["v"], text)
     return out
 
-
-def llama_config(text: TextSpec):
-    """The transformers LlamaConfig computing what an InternLM2 decoder computes (up to max_position_embeddings)."""
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        hidden_size=text.hidden_size,
-        intermediate_size=text.intermediate_size,
-        num_hidden_layers=text.num_layers,
-        num_attention_heads=text.num_heads,
-        num_key_value_heads=text.num_kv_heads,
-        head_dim=text.head_dim,
-        rms_norm_eps=text.rms_norm_eps,
-        rope_parameters={"rope_type": "default", "rope_theta": text.rope_theta},
-        max_position_embeddings=text.max_position_embeddings,
-        vocab_size=text.vocab_size,
-        tie_word_embeddings=text.tie_word_embeddings,
-        attention_bias=False,
-        mlp_bias=False,
-        hidden_act="silu",
-    )

@@ -55,6 +55,12 @@ def train(corpus: Iterable[str] = DEFAULT_CORPUS, vocab_size: int = 512):
     return tokenizer
 
 
+def _added_tokens_decoder(tokens: dict[str, int]) -> dict[str, dict]:
+    """tokenizer_config.json's added_tokens_decoder: every token special, matched as written."""
+    flags = {"lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": True}
+    return {str(i): {"content": t, **flags} for t, i in tokens.items()}
+
+
 def write_slow_files(
     out_dir: Path,
     corpus: Iterable[str] = DEFAULT_CORPUS,
@@ -91,10 +97,7 @@ def write_slow_files(
         "unk_token": None,
         "clean_up_tokenization_spaces": False,
         "split_special_tokens": False,
-        "added_tokens_decoder": {
-            str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": True}
-            for t, i in added.items()
-        },
+        "added_tokens_decoder": _added_tokens_decoder(added),
     }
     (out_dir / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False, indent=2))
     return added
@@ -148,10 +151,7 @@ def write_internlm2_files(out_dir: Path, corpus: Iterable[str] = DEFAULT_CORPUS,
         "add_bos_token": True,
         "add_eos_token": False,
         "clean_up_tokenization_spaces": False,
-        "added_tokens_decoder": {
-            str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": True}
-            for t, i in specials.items()
-        },
+        "added_tokens_decoder": _added_tokens_decoder(specials),
     }
     (out_dir / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False, indent=2))
     return specials
