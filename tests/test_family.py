@@ -359,3 +359,26 @@ def test_unsupported_members_fail_with_one_line_naming_what(where, change, messa
     with pytest.raises(UnsupportedConfigError, match=message) as info:
         ModelSpec.from_config(config)
     assert "\n" not in str(info.value)
+
+
+# --- random same-size presets -----------------------------------------------------------------------------------
+
+
+def test_random_internlm2_preset_writes_a_loadable_original_checkpoint(tmp_path, monkeypatch):
+    """`random:<preset>` with an InternLM2 decoder: the synthetic sentencepiece tokenizer padded to the preset's
+    vocabulary (InternVL's tokens last, as in InternVL2.5-2B), weights in the InternLM2 layout, loadable."""
+    from vl_export.export import random_model
+
+    preset = json.loads((random_model.PRESET_DIR / "internvl2_5-2b.json").read_text())
+    assert ModelSpec.from_config(preset).text.family == "internlm2"
+    preset["vision_config"].update(TINY_ORIGINAL_CONFIG["vision_config"])
+    preset["llm_config"].update({k: TINY_INTERNLM2_LLM[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers")})
+    preset["llm_config"]["vocab_size"] = 700
+    (tmp_path / "presets").mkdir()
+    (tmp_path / "presets" / "small-2b.json").write_text(json.dumps(preset))
+    monkeypatch.setattr(random_model, "PRESET_DIR", tmp_path / "presets")
+    out = random_model.create("small-2b", tmp_path / "ck")
+    sd = load_file(out / "model.safetensors")
+    assert "language_model.model.layers.0.attention.wqkv.weight" in sd and "language_model.output.weight" in sd
+    ck = checkpoint.load(out)
+    assert ck.spec.text.vocab_size == 700 and ck.image_token_id == 700 - 9 + 2  # <img>, </img>, <IMG_CONTEXT>
