@@ -22,7 +22,8 @@ from vl_export.errors import CheckpointError, UnsupportedConfigError
 
 SPM_FILE = "tokenizer.model"
 SPM_TOKENIZER_CLASSES = ("InternLM2Tokenizer", "InternLM2TokenizerFast")
-BPE, USER_DEFINED, BYTE, UNUSED = 2, 4, 6, 5  # sentencepiece ModelType / SentencePiece.Type values
+BPE = 2  # sentencepiece's ModelType
+UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 2, 3, 4, 5, 6  # sentencepiece's SentencePiece.Type
 
 
 @dataclass(frozen=True)
@@ -125,7 +126,7 @@ def convert(path: Path):
             names[token.id] = token.content
     # Byte pieces and unused ones never come out of a merge; user-defined pieces are matched whole, as added tokens.
     vocab = {name: i for i, name in enumerate(names)}
-    mergeable = {names[i]: i for i, p in enumerate(proto.pieces) if p.type not in (BYTE, UNUSED, USER_DEFINED, 2, 3)}
+    mergeable = {names[i]: i for i, p in enumerate(proto.pieces) if p.type not in (BYTE, UNUSED, USER_DEFINED, UNKNOWN, CONTROL)}
     merges = _merges(mergeable)
     tokenizer = Tokenizer(models.BPE(vocab, merges, unk_token=pieces[proto.trainer_spec.unk_id], fuse_unk=True,
                                      byte_fallback=True))
