@@ -14,6 +14,7 @@ import torch
 from vl_export.errors import CheckpointError
 from vl_export.spec import ModelSpec
 
+from . import internlm2
 from .tokenizer import image_token_id_of
 
 WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -141,6 +142,8 @@ RENAMES: list[tuple[str, str]] = [
     ("vision_model.encoder.layers.{n}.mlp.{fc}.{p}", "model.vision_tower.encoder.layer.{n}.mlp.{fc}.{p}"),
     ("vision_model.encoder.layers.{n}.norm1.{p}", "model.vision_tower.encoder.layer.{n}.layernorm_before.{p}"),
     ("vision_model.encoder.layers.{n}.norm2.{p}", "model.vision_tower.encoder.layer.{n}.layernorm_after.{p}"),
+    # InternViT-6B only: RMSNorm of q and k over all heads (qk_normalization).
+    ("vision_model.encoder.layers.{n}.attn.{qk}_norm.weight", "model.vision_tower.encoder.layer.{n}.attention.{qk}_norm.weight"),
     ("vision_model.encoder.layers.{n}.ls1", "model.vision_tower.encoder.layer.{n}.lambda_1"),
     ("vision_model.encoder.layers.{n}.ls2", "model.vision_tower.encoder.layer.{n}.lambda_2"),
     ("mlp1.0.{p}", "model.multi_modal_projector.layer_norm.{p}"),
@@ -153,7 +156,7 @@ RENAMES: list[tuple[str, str]] = [
 FUSED_QKV = "vision_model.encoder.layers.{n}.attn.qkv.{p}"
 SPLIT_QKV = "model.vision_tower.encoder.layer.{n}.attention.{qkv}_proj.{p}"
 
-_PLACEHOLDERS = {"n": r"\d+", "p": "weight|bias", "fc": "fc1|fc2", "rest": ".+", "qkv": "q|k|v"}
+_PLACEHOLDERS = {"n": r"\d+", "p": "weight|bias", "fc": "fc1|fc2", "rest": ".+", "qkv": "q|k|v", "qk": "q|k"}
 
 
 def _compile(template: str) -> re.Pattern:
@@ -210,7 +213,7 @@ def native_to_original(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
 
 def native_config(spec: ModelSpec, image_token_id: int):
     """The transformers InternVLConfig that holds the same model as `spec`."""
-    from transformers import InternVLConfig, InternVLVisionConfig, Qwen2Config
+    from transformers import InternVLConfig, InternVLVisionConfig, LlamaConfig, Qwen2Config
 
     v, t = spec.vision, spec.text
     vision = InternVLVisionConfig(
@@ -219,13 +222,15 @@ def native_config(spec: ModelSpec, image_token_id: int):
         num_hidden_layers=v.num_layers,
         num_attention_heads=v.num_heads,
         attention_bias=v.qkv_bias,
+        norm_type=v.norm_type,
+        use_qk_norm=v.qk_normalization,
         image_size=v.image_size,
         patch_size=v.patch_size,
         num_channels=v.num_channels,
         layer_norm_eps=v.layer_norm_eps,
         use_mean_pooling=True,  # InternViT has no final LayerNorm
     )
-    text = Qwen2Config(
+    dims = dict(
         hidden_size=t.hidden_size,
         intermediate_size=t.intermediate_size,
         num_hidden_layers=t.num_layers,
@@ -238,6 +243,8 @@ def native_config(spec: ModelSpec, image_token_id: int):
         vocab_size=t.vocab_size,
         tie_word_embeddings=t.tie_word_embeddings,
     )
+    # InternLM2 computes what Llama does (export/internlm2.py); Qwen2 is Llama plus a q/k/v bias.
+    text = LlamaConfig(**dims, attention_bias=False, mlp_bias=False) if t.family == "internlm2" else Qwen2Config(**dims)
     return InternVLConfig(
         vision_config=vision,
         text_config=text,
@@ -254,7 +261,10 @@ def native_config(spec: ModelSpec, image_token_id: int):
 def _load_original(path: Path, spec: ModelSpec, image_token_id: int) -> torch.nn.Module:
     from transformers import InternVLForConditionalGeneration
 
-    state = original_to_native(read_state_dict(path))
+    state = read_state_dict(path)
+    if spec.text.family == "internlm2":
+        state = internlm2.to_qwen2_names(state, spec.text)
+    state = original_to_native(state)
     with torch.device("meta"):
         model = InternVLForConditionalGeneration(native_config(spec, image_token_id))
     expected = {k: p.shape for k, p in model.state_dict().items()}
@@ -306,6 +316,9 @@ def load(path: Path) -> Checkpoint:
     spec = ModelSpec.from_config(read_config(path))
     image_token_id = image_token_id_of(path)
     model = _load_original(path, spec, image_token_id) if spec.layout == "original" else _load_native(path)
+    if spec.vision.qk_normalization:  # transformers builds q_norm/k_norm with eps 1e-6; InternViT uses layer_norm_eps
+        for layer in model.model.vision_tower.encoder.layer:
+            layer.attention.q_norm.variance_epsilon = layer.attention.k_norm.variance_epsilon = spec.vision.layer_norm_eps
     model.config._attn_implementation = "eager"
     for sub in (model.model.vision_tower, model.model.language_model):
         sub.config._attn_implementation = "eager"

@@ -44,6 +44,11 @@ def _rms_norm(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
     return norm.weight * x
 
 
+def _norm(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+    """InternViT-300M uses LayerNorm, InternViT-6B RMSNorm; both in fp32."""
+    return _layer_norm(x, norm) if isinstance(norm, nn.LayerNorm) else _rms_norm(x, norm)
+
+
 class VisionEncoder(nn.Module):
     """pixel_values (tiles, 3, 448, 448) fp32 -> vision_features (tiles, 1025, 1024) fp32, CLS first."""
 
@@ -52,6 +57,7 @@ class VisionEncoder(nn.Module):
         self.tower = matmul_weights_to(model.model.vision_tower, dtype)
         self.num_heads = spec.vision.num_heads
         self.head_dim = spec.vision.head_dim
+        self.qk_normalization = spec.vision.qk_normalization
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         emb = self.tower.embeddings
@@ -61,8 +67,8 @@ class VisionEncoder(nn.Module):
         cls = emb.cls_token.expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1) + emb.position_embeddings  # (tiles, 1025, C)
         for layer in self.tower.encoder.layer:
-            x = x + layer.lambda_1 * self._attention(_layer_norm(x, layer.layernorm_before), layer.attention).float()
-            h = _linear(_layer_norm(x, layer.layernorm_after), layer.mlp.fc1)
+            x = x + layer.lambda_1 * self._attention(_norm(x, layer.layernorm_before), layer.attention).float()
+            h = _linear(_norm(x, layer.layernorm_after), layer.mlp.fc1)
             x = x + layer.lambda_2 * _linear(F.gelu(h), layer.mlp.fc2).float()
         return x
 
@@ -72,7 +78,10 @@ class VisionEncoder(nn.Module):
         def heads(t: torch.Tensor) -> torch.Tensor:  # (tiles, n, C) -> (tiles, heads, n, d)
             return t.reshape(tiles, n, self.num_heads, self.head_dim).transpose(1, 2)
 
-        q, k, v = heads(_linear(x, attn.q_proj)), heads(_linear(x, attn.k_proj)), heads(_linear(x, attn.v_proj))
+        q, k, v = _linear(x, attn.q_proj), _linear(x, attn.k_proj), _linear(x, attn.v_proj)
+        if self.qk_normalization:  # InternViT-6B: RMSNorm over all heads of q and of k, in fp32
+            q, k = _rms_norm(q, attn.q_norm).to(v.dtype), _rms_norm(k, attn.k_norm).to(v.dtype)
+        q, k, v = heads(q), heads(k), heads(v)
         scores = torch.matmul(q, k.transpose(2, 3)) * attn.scale  # (tiles, heads, n, n)
         probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)
         out = torch.matmul(probs, v).transpose(1, 2).reshape(tiles, n, c)  # (tiles, n, C)

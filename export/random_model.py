@@ -17,6 +17,7 @@ from vl_export.errors import CheckpointError
 from vl_export.spec import ModelSpec
 
 from . import synthetic_tokenizer
+from . import internlm2
 from .checkpoint import native_config, native_to_original
 
 PRESET_DIR = Path(__file__).parent / "presets"
@@ -69,9 +70,13 @@ def write_original_checkpoint(model: nn.Module, config: dict, out_dir: Path, dty
     """config.json + model.safetensors in the original InternVLChatModel layout."""
     from safetensors.torch import save_file
 
-    state = {k: v.detach().to(dtype).contiguous() for k, v in native_to_original(model.state_dict()).items()}
+    state = native_to_original(model.state_dict())
     if config["llm_config"].get("tie_word_embeddings"):
         state.pop("language_model.lm_head.weight", None)
+    text = ModelSpec.from_config(config).text
+    if text.family == "internlm2":
+        state = internlm2.to_internlm2_names(state, text)
+    state = {k: v.detach().to(dtype).contiguous() for k, v in state.items()}
     save_file(state, out_dir / "model.safetensors", metadata={"format": "pt"})
     (out_dir / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
 
@@ -81,8 +86,12 @@ def create(name: str, out_dir: Path, seed: int = 0) -> Path:
     config = preset_config(name)
     config.pop("_note", None)
     text = config["llm_config"]
-    first_special = None if text.get("vocab_size") is None else text["vocab_size"] - 31
-    specials = synthetic_tokenizer.write_slow_files(out_dir, first_special_id=first_special)
+    if text.get("model_type") == "internlm2":  # InternVL's 9 tokens follow the sentencepiece model's pieces
+        pieces = None if text.get("vocab_size") is None else text["vocab_size"] - len(synthetic_tokenizer.INTERNVL_SPECIALS)
+        specials = synthetic_tokenizer.write_internlm2_files(out_dir, num_pieces=pieces)
+    else:
+        first_special = None if text.get("vocab_size") is None else text["vocab_size"] - 31
+        specials = synthetic_tokenizer.write_slow_files(out_dir, first_special_id=first_special)
     text["vocab_size"] = max(specials.values()) + 1
     spec = ModelSpec.from_config(config)
     model = random_model(spec, specials["<IMG_CONTEXT>"], seed)

@@ -45,7 +45,9 @@ class Reference:
         self.model.set_attn_implementation(attention)
         self.tokenizer = checkpoint_tokenizer(self.ck.path)
         self.spec = self.ck.spec
-        self.stop_ids = [self.tokenizer.convert_tokens_to_ids(t) for t in (prompts.IM_END, prompts.END_OF_TEXT)]
+        # InternLM2 tokenizers have no <|endoftext|>; their end of text (and pad) is </s>.
+        end = prompts.END_OF_TEXT if prompts.END_OF_TEXT in _vocab_tokens(self.tokenizer) else prompts.EOS
+        self.stop_ids = [self.tokenizer.convert_tokens_to_ids(t) for t in (prompts.IM_END, end)]
 
     def pixel_values(self, images: list, max_tiles: int | None = None) -> tuple[torch.Tensor, list[int]]:
         per_image = [card_pixel_values(im, self.spec.image_size, max_tiles or self.spec.max_dynamic_patch,
@@ -55,7 +57,8 @@ class Reference:
     def prompt_ids(self, question: str, tiles_per_image: list[int], history=()) -> list[int]:
         text = prompts.render(prompts.with_placeholders(question, len(tiles_per_image), history), history)
         text = prompts.expand_images(text, tiles_per_image, self.spec.num_image_tokens)
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        # chat() calls tokenizer(query) with its special tokens: nothing for Qwen2, <s> first for InternLM2.
+        return self.tokenizer.encode(text, add_special_tokens=True)
 
     @torch.no_grad()
     def vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -88,3 +91,8 @@ class Reference:
         """Logits of the last `keep` positions of one sequence: (keep, vocab)."""
         out = self.model(inputs_embeds=inputs_embeds[None], logits_to_keep=keep)
         return out.logits[0]
+
+
+def _vocab_tokens(tokenizer) -> set[str]:
+    decoder = tokenizer.added_tokens_decoder
+    return {t if isinstance(t, str) else t.content for t in decoder.values()}

@@ -55,6 +55,12 @@ def train(corpus: Iterable[str] = DEFAULT_CORPUS, vocab_size: int = 512):
     return tokenizer
 
 
+def _added_tokens_decoder(tokens: dict[str, int]) -> dict[str, dict]:
+    """tokenizer_config.json's added_tokens_decoder: every token special, matched as written."""
+    flags = {"lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": True}
+    return {str(i): {"content": t, **flags} for t, i in tokens.items()}
+
+
 def write_slow_files(
     out_dir: Path,
     corpus: Iterable[str] = DEFAULT_CORPUS,
@@ -91,10 +97,61 @@ def write_slow_files(
         "unk_token": None,
         "clean_up_tokenization_spaces": False,
         "split_special_tokens": False,
-        "added_tokens_decoder": {
-            str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": True}
-            for t, i in added.items()
-        },
+        "added_tokens_decoder": _added_tokens_decoder(added),
     }
     (out_dir / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False, indent=2))
     return added
+
+
+# InternLM2's chat tokens are pieces of its sentencepiece model ([UNUSED_TOKEN_141..146] at 92538..92543 in
+# InternLM2.5), renamed by tokenizer_config.json; InternVL's tokens follow the 92544 pieces.
+INTERNLM2_CHAT_SPECIALS = ("<|plugin|>", "<|interpreter|>", "<|action_end|>", "<|action_start|>", "<|im_end|>", "<|im_start|>")
+
+
+def write_internlm2_files(out_dir: Path, corpus: Iterable[str] = DEFAULT_CORPUS, vocab_size: int = 600,
+                          num_pieces: int | None = None) -> dict[str, int]:
+    """An InternLM2-style tokenizer: tokenizer.model (sentencepiece BPE with byte fallback, identity normalisation)
+    and tokenizer_config.json naming InternLM2Tokenizer with InternVL's added tokens; returns the special ids.
+
+    `num_pieces` pads the model with unused pieces so that the chat tokens land where InternLM2.5 has them
+    (92544 pieces for a same-size InternVL2.5-2B)."""
+    import io
+
+    import sentencepiece
+    from sentencepiece import sentencepiece_model_pb2
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stream = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(list(corpus) * 4), model_writer=stream, model_type="bpe", vocab_size=vocab_size,
+        byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True, split_digits=True, character_coverage=0.9995,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2,
+    )
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(stream.getvalue())
+    chat_at = (num_pieces or len(proto.pieces) + len(INTERNLM2_CHAT_SPECIALS)) - len(INTERNLM2_CHAT_SPECIALS)
+    Piece = sentencepiece_model_pb2.ModelProto.SentencePiece
+    for i in range(len(proto.pieces), chat_at):
+        proto.pieces.append(Piece(piece=f"<unused_{i}>", score=0.0, type=Piece.UNUSED))
+    for n in range(len(INTERNLM2_CHAT_SPECIALS)):
+        proto.pieces.append(Piece(piece=f"[UNUSED_TOKEN_{141 + n}]", score=0.0, type=Piece.USER_DEFINED))
+    (out_dir / "tokenizer.model").write_bytes(proto.SerializeToString())
+    specials = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    specials.update({t: chat_at + i for i, t in enumerate(INTERNLM2_CHAT_SPECIALS)})
+    specials.update({t: len(proto.pieces) + i for i, t in enumerate(INTERNVL_SPECIALS)})
+    config = {
+        "tokenizer_class": "InternLM2Tokenizer",
+        "auto_map": {"AutoTokenizer": ["tokenization_internlm2.InternLM2Tokenizer", None]},
+        "model_max_length": 8192,
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "pad_token": "</s>",
+        "unk_token": "<unk>",
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "added_tokens_decoder": _added_tokens_decoder(specials),
+    }
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False, indent=2))
+    return specials

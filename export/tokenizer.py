@@ -7,7 +7,9 @@ import shutil
 from pathlib import Path
 
 from vl_export.errors import CheckpointError
-from vl_export.runtime.prompt import DEFAULT_SYSTEM_MESSAGE, SPECIAL_TOKENS
+from vl_export.runtime.prompt import BOS, DEFAULT_SYSTEM_MESSAGE, END_OF_TEXT, EOS, SPECIAL_TOKENS
+
+from . import spm_tokenizer
 
 # Text that exercises what a BPE port gets wrong: special tokens inside words, CJK, emoji, NFC, contractions,
 # whitespace runs and newlines, digits. Every added token of the tokenizer is appended at check time.
@@ -35,14 +37,19 @@ def load_fast(path: Path):
             return Tokenizer.from_file(str(path / "tokenizer.json"))
         except Exception as exc:
             raise CheckpointError(f"cannot read {path / 'tokenizer.json'}: {exc}") from None
+    if spm_tokenizer.is_spm_checkpoint(path):
+        return spm_tokenizer.convert(path)
     return checkpoint_tokenizer(path).backend_tokenizer
 
 
 def checkpoint_tokenizer(path: Path):
-    """The checkpoint's own tokenizer as transformers loads it (no remote code)."""
+    """The checkpoint's own tokenizer as transformers loads it (no remote code), or, for InternLM2's
+    sentencepiece tokenizer (remote code), its encoding rebuilt on the sentencepiece package."""
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    if spm_tokenizer.is_spm_checkpoint(path):
+        return spm_tokenizer.SentencePieceReference(path)
     if not any((path / name).is_file() for name in ("tokenizer.json", "vocab.json", "tokenizer_config.json")):
         raise CheckpointError(f"{path} has no tokenizer (tokenizer.json, or vocab.json + merges.txt)")
     verbosity = hf_logging.get_verbosity()
@@ -55,14 +62,25 @@ def checkpoint_tokenizer(path: Path):
         hf_logging.set_verbosity(verbosity)
 
 
-def special_token_ids(tokenizer) -> dict[str, int]:
+def special_token_ids(tokenizer, adds_bos: bool = False) -> dict[str, int]:
+    """The template's and InternVL's tokens; end of text is Qwen2's <|endoftext|> or InternLM2's </s>, and
+    <s> is recorded only when the checkpoint's tokenizer puts it before every prompt (InternLM2)."""
+    required = [t for t in SPECIAL_TOKENS if t != END_OF_TEXT]
+    required.append(END_OF_TEXT if tokenizer.token_to_id(END_OF_TEXT) is not None else EOS)
+    if adds_bos:
+        required.append(BOS)
     ids = {}
-    for token in SPECIAL_TOKENS:
+    for token in required:
         token_id = tokenizer.token_to_id(token)
         if token_id is None:
             raise CheckpointError(f"the tokenizer has no {token} token; not an InternVL2.5 tokenizer")
         ids[token] = token_id
     return ids
+
+
+def adds_bos(path: Path) -> bool:
+    """Whether the checkpoint's tokenizer starts every encoded prompt with <s> (chat() encodes with it)."""
+    return spm_tokenizer.is_spm_checkpoint(path) and spm_tokenizer.SentencePieceReference(path).add_bos
 
 
 def image_token_id_of(path: Path) -> int:
@@ -79,7 +97,7 @@ def write_tokenizer(path: Path, out_dir: Path) -> dict[str, int]:
     prove_same_ids(target, path)
     from tokenizers import Tokenizer
 
-    return special_token_ids(Tokenizer.from_file(str(target)))
+    return special_token_ids(Tokenizer.from_file(str(target)), adds_bos(path))
 
 
 def prove_same_ids(tokenizer_json: Path, checkpoint: Path) -> int:
@@ -88,7 +106,7 @@ def prove_same_ids(tokenizer_json: Path, checkpoint: Path) -> int:
 
     ours = Tokenizer.from_file(str(tokenizer_json))
     reference = checkpoint_tokenizer(checkpoint)
-    added = [str(t) if isinstance(t, str) else t.content for t in reference.added_tokens_decoder.values()]
+    added = [t if isinstance(t, str) else t.content for t in reference.added_tokens_decoder.values()]
     corpus = list(PROOF_CORPUS) + added + ["x" + "".join(added) + "y"]
     for text in corpus:
         got = ours.encode(text, add_special_tokens=False).ids

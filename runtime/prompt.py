@@ -21,6 +21,9 @@ IMG_CONTEXT = "<IMG_CONTEXT>"
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 END_OF_TEXT = "<|endoftext|>"
+# InternLM2-based models (InternVL2.5-2B/8B/26B) have no <|endoftext|>: </s> ends text and <s> starts a prompt.
+BOS = "<s>"
+EOS = "</s>"
 SPECIAL_TOKENS = (END_OF_TEXT, IM_START, IM_END, IMG_START, IMG_END, IMG_CONTEXT)
 
 # Byte-exact copy of the reference's default; the model was tuned with it.

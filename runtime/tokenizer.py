@@ -8,7 +8,7 @@ from tokenizers import Tokenizer
 
 from vl_export.errors import BundleError
 
-from .prompt import CONTROL, END_OF_TEXT, IM_END, IMG_CONTEXT
+from .prompt import BOS, CONTROL, END_OF_TEXT, EOS, IM_END, IMG_CONTEXT
 
 
 class TextTokenizer:
@@ -25,10 +25,15 @@ class TextTokenizer:
             if self.tokenizer.token_to_id(token) != token_id:
                 raise BundleError(f"{path.name} maps {token} to {self.tokenizer.token_to_id(token)}, the manifest says {token_id}")
         self.im_end = special_tokens[IM_END]
-        self.end_of_text = special_tokens[END_OF_TEXT]
+        # Qwen2 ends text with <|endoftext|>, InternLM2 with </s>; each is also its model's pad token.
+        end_of_text = special_tokens.get(END_OF_TEXT, special_tokens.get(EOS))
+        if end_of_text is None:
+            raise BundleError(f"the manifest names neither {END_OF_TEXT} nor {EOS} among the special tokens")
+        self.end_of_text = end_of_text
         self.image_context = special_tokens[IMG_CONTEXT]
-        self.pad = self.end_of_text  # Qwen2's pad token
+        self.pad = self.end_of_text
         self.stop_ids = frozenset((self.im_end, self.end_of_text))
+        self.bos = special_tokens.get(BOS)  # InternLM2: chat() encodes every prompt after <s>
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
@@ -46,9 +51,9 @@ class TextTokenizer:
 
         parse_special_tokens: the reference's behaviour, the joined string encoded whole (special strings in
         text become control tokens)."""
+        ids: list[int] = [] if self.bos is None else [self.bos]  # InternLM2: <s> first, as its tokenizer(query)
         if parse_special_tokens:
-            return self.encode("".join(text for _, text in segments))
-        ids: list[int] = []
+            return ids + self.encode("".join(text for _, text in segments))
         pending: list[str] = []
         for kind, text in segments:
             if kind == CONTROL:

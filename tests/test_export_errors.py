@@ -66,8 +66,9 @@ def test_non_internvl_config(capsys, tmp_path):
         (lambda c: c.update(ps_version="v1"), "ps_version 'v1'"),
         (lambda c: c.update(select_layer=-4), "select_layer -4"),
         (lambda c: c.update(template="internlm2-chat"), "template 'internlm2-chat'"),
-        (lambda c: c["llm_config"].update(architectures=["InternLM2ForCausalLM"], model_type="internlm2"), "only Qwen2"),
-        (lambda c: c["vision_config"].update(norm_type="rms_norm"), "norm_type 'rms_norm'"),
+        # InternLM2 decoders and InternViT-6B's RMSNorm are supported now (tests/test_family.py); other kinds are not.
+        (lambda c: c["llm_config"].update(architectures=["Phi3ForCausalLM"], model_type="phi3"), "the language model is phi3"),
+        (lambda c: c["vision_config"].update(norm_type="batch_norm"), "norm_type 'batch_norm'"),
         (lambda c: c["llm_config"].update(rope_scaling={"type": "dynamic", "factor": 2.0}), "rope scaling 'dynamic'"),
     ],
 )
@@ -83,7 +84,7 @@ def test_unsupported_variants_say_what_is_unsupported(tiny, edit, message):
     "edit, message",
     [
         (lambda s: s.pop("mlp1.1.weight"), "missing weight for model.multi_modal_projector.linear_1.weight"),
-        (lambda s: s.update({"vision_model.encoder.layers.0.attn.q_norm.weight": torch.ones(32)}), "unexpected weight vision_model.encoder.layers.0.attn.q_norm.weight"),
+        (lambda s: s.update({"vision_model.encoder.layers.0.attn.q_norm.weight": torch.ones(32)}), "unexpected weight model.vision_tower.encoder.layer.0.attention.q_norm.weight"),
         (lambda s: s.update({"language_model.model.norm.weight": torch.ones(63)}), "model.language_model.norm.weight has shape (63,)"),
         (lambda s: s.update({"vision_model.encoder.layers.1.attn.qkv.weight": torch.ones(95, 32)}), "not a multiple of 3"),
     ],

@@ -18,7 +18,8 @@ SHA256 = re.compile(r"[0-9a-f]{64}")
 ROLES = ("vision_encoder", "projector", "decoder")
 PRECISIONS = ("fp32", "fp16", "int8")
 FLOAT_DTYPES = ("float32", "float16")
-REQUIRED_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>")
+REQUIRED_TOKENS = ("<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>")
+END_OF_TEXT_TOKENS = ("<|endoftext|>", "</s>")  # Qwen2's end of text, InternLM2's: one of them must be named
 SYMBOLIC_AXES = ("tiles", "batch", "seq", "past", "total", "num_logits")
 # Far beyond any InternVL2.5 (12 tiles of 448, 32k context) yet small enough that nothing downstream hangs or
 # asks the allocator for terabytes: the tiling search is O(max_tiles log max_tiles), the KV cache is per position.
@@ -107,6 +108,8 @@ def check_raw(data: dict, bundle: Path) -> None:
     for token in REQUIRED_TOKENS:
         if token not in tokens:
             raise fail("special_tokens", f"lacks {token}")
+    if not any(token in tokens for token in END_OF_TEXT_TOKENS):
+        raise fail("special_tokens", f"lacks an end-of-text token ({' or '.join(END_OF_TEXT_TOKENS)})")
     for token in tokens:
         integer(tokens, token, "special_tokens.", 0, MAX_DIM * 4)
 

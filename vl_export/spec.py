@@ -13,6 +13,8 @@ Layout = Literal["original", "native"]
 ORIGINAL_ARCHITECTURE = "InternVLChatModel"
 NATIVE_ARCHITECTURE = "InternVLForConditionalGeneration"
 SUPPORTED_TEMPLATES = ("internvl2_5",)
+# The language-model families of the InternVL2.5 family: Qwen2.5 (1B, 4B, 38B, 78B) and InternLM2.5 (2B, 8B, 26B).
+TextFamily = Literal["qwen2", "internlm2"]
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,9 @@ class VisionSpec:
     num_channels: int
     layer_norm_eps: float
     qkv_bias: bool
+    # InternViT-6B: RMSNorm instead of LayerNorm, and RMSNorm over all heads of q and k before attention.
+    norm_type: Literal["layer_norm", "rms_norm"] = "layer_norm"
+    qk_normalization: bool = False
 
     @property
     def head_dim(self) -> int:
@@ -55,6 +60,13 @@ class TextSpec:
     max_position_embeddings: int
     vocab_size: int
     tie_word_embeddings: bool
+    # InternLM2 is the Llama computation (no q/k/v bias, RMSNorm, SwiGLU, rotate-half RoPE) under other weight
+    # names, with the q/k/v projections fused per KV head; Qwen2 adds a q/k/v bias.
+    family: TextFamily = "qwen2"
+
+    @property
+    def attention_bias(self) -> bool:
+        return self.family == "qwen2"
 
 
 @dataclass(frozen=True)
@@ -123,44 +135,62 @@ def _refuse_unless(ok: bool, what: str) -> None:
         raise UnsupportedConfigError(f"unsupported InternVL variant: {what}")
 
 
-def _text_spec(text: dict[str, Any], where: str, tie_word_embeddings: bool) -> TextSpec:
+def _text_family(text: dict[str, Any]) -> TextFamily:
     architectures = text.get("architectures") or []
     model_type = text.get("model_type")
-    _refuse_unless(
-        model_type == "qwen2" or "Qwen2ForCausalLM" in architectures,
-        f"the language model is {model_type or architectures} (only Qwen2 decoders, as in InternVL2.5-1B, are supported)",
+    if model_type == "qwen2" or "Qwen2ForCausalLM" in architectures:
+        return "qwen2"
+    if model_type == "internlm2" or "InternLM2ForCausalLM" in architectures:
+        return "internlm2"
+    raise UnsupportedConfigError(
+        f"unsupported InternVL variant: the language model is {model_type or architectures or 'not named'} "
+        f"(supported: Qwen2 as in InternVL2.5-1B/4B/38B/78B, InternLM2 as in InternVL2.5-2B/8B/26B)"
     )
+
+
+def _rope_theta(text: dict[str, Any], family: TextFamily) -> float:
     rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
-    _refuse_unless(rope_type == "default", f"rope scaling {rope_type!r} (only the default RoPE is supported)")
+    # InternLM2.5 configs carry {"type": "dynamic", "factor": 2.0}: its dynamic NTK rotary embedding changes
+    # the base only once a sequence exceeds max_position_embeddings and is the plain rotary embedding up to
+    # there. The exported graph computes the plain one and the runtime caps the context at
+    # max_position_embeddings (manifest max_context), so every context it accepts is computed exactly.
+    plain = rope_type == "default" or (family == "internlm2" and rope_type == "dynamic")
+    _refuse_unless(plain, f"rope scaling {rope_type!r} for a {family} language model (only the default RoPE"
+                          + (", or InternLM2's dynamic NTK up to max_position_embeddings" if family == "internlm2" else "") + ")")
+    return float(rope.get("rope_theta", text.get("rope_theta", 10000.0)))
+
+
+def _text_spec(text: dict[str, Any], where: str, tie_word_embeddings: bool) -> TextSpec:
+    family = _text_family(text)
+    rope_theta = _rope_theta(text, family)
     _refuse_unless(not text.get("use_sliding_window", False), "sliding-window attention in the language model")
     _refuse_unless(text.get("hidden_act", "silu") == "silu", f"language-model activation {text.get('hidden_act')!r}")
-    rope_theta = rope.get("rope_theta", text.get("rope_theta", 10000.0))
+    if family == "internlm2":
+        _refuse_unless(not text.get("bias", False), "an InternLM2 language model with bias (InternLM2.5 has none)")
     hidden = int(_require(text, "hidden_size", where))
     heads = int(_require(text, "num_attention_heads", where))
+    kv_heads = int(text.get("num_key_value_heads") or heads)
+    _refuse_unless(heads % kv_heads == 0, f"{heads} attention heads over {kv_heads} KV heads")
     return TextSpec(
         hidden_size=hidden,
         intermediate_size=int(_require(text, "intermediate_size", where)),
         num_layers=int(_require(text, "num_hidden_layers", where)),
         num_heads=heads,
-        num_kv_heads=int(text.get("num_key_value_heads", heads)),
+        num_kv_heads=kv_heads,
         head_dim=int(text.get("head_dim") or hidden // heads),
         rms_norm_eps=float(text.get("rms_norm_eps", 1e-6)),
-        rope_theta=float(rope_theta),
+        rope_theta=rope_theta,
         max_position_embeddings=int(_require(text, "max_position_embeddings", where)),
         vocab_size=int(_require(text, "vocab_size", where)),
         tie_word_embeddings=tie_word_embeddings,
+        family=family,
     )
 
 
 def _vision_spec(vision: dict[str, Any], where: str, qkv_bias_key: str, image_size: int) -> VisionSpec:
-    _refuse_unless(
-        vision.get("norm_type", "layer_norm") == "layer_norm",
-        f"vision norm_type {vision.get('norm_type')!r} (InternViT-6B style; only layer_norm is supported)",
-    )
-    _refuse_unless(
-        not vision.get("qk_normalization", vision.get("use_qk_norm", False)), "vision qk normalization"
-    )
+    norm_type = vision.get("norm_type", "layer_norm")
+    _refuse_unless(norm_type in ("layer_norm", "rms_norm"), f"vision norm_type {norm_type!r} (layer_norm or rms_norm)")
     _refuse_unless(vision.get("hidden_act", "gelu") == "gelu", f"vision activation {vision.get('hidden_act')!r}")
     patch = vision.get("patch_size", 14)
     patch = int(patch[0] if isinstance(patch, (list, tuple)) else patch)
@@ -175,6 +205,8 @@ def _vision_spec(vision: dict[str, Any], where: str, qkv_bias_key: str, image_si
         num_channels=int(vision.get("num_channels", 3)),
         layer_norm_eps=float(vision.get("layer_norm_eps", 1e-6)),
         qkv_bias=bool(vision.get(qkv_bias_key, True)),
+        norm_type=norm_type,
+        qk_normalization=bool(vision.get("qk_normalization", vision.get("use_qk_norm", False))),
     )
 
 
