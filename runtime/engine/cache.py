@@ -126,7 +126,8 @@ class PrefixCache(_Lru):
 
     def store(self, keys: np.ndarray, kv: list[np.ndarray]) -> None:
         """keys (n,), kv in graph order each (kv_heads, n, d) (copies: the caller's buffers move on)."""
-        if not len(keys):
+        size = sum(t.nbytes for t in kv) + len(keys) * 8
+        if not len(keys) or size > self.budget_bytes:  # too big for the budget: the entries it extends stay
             return
         with self.lock:
             for entry_id, entry in list(self.entries.items()):
@@ -137,4 +138,4 @@ class PrefixCache(_Lru):
                 if shared == len(entry.keys):  # the new one extends it
                     self._drop(entry_id)
             entry = PrefixEntry(np.array(keys, np.int64), [np.array(t) for t in kv])
-            self._put(id(entry), entry, sum(t.nbytes for t in entry.kv) + entry.keys.nbytes)
+            self._put(id(entry), entry, size)
