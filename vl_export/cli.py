@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from . import __version__
-from .errors import VlExportError
+from .errors import InputError, VlExportError
 
 Command = Callable[[argparse.Namespace], int]
 COMMANDS: dict[str, Command] = {}
@@ -56,10 +56,17 @@ def _backend_options(args: argparse.Namespace) -> dict:
     return options
 
 
-def _pipeline(args: argparse.Namespace):
+def _pipeline(args: argparse.Namespace, **options):
     from vl_export.runtime import Pipeline
 
-    return Pipeline.from_bundle(args.bundle, backend=args.backend, **_backend_options(args))
+    return Pipeline.from_bundle(args.bundle, backend=args.backend, **options, **_backend_options(args))
+
+
+def _cache_budgets(args: argparse.Namespace) -> dict:
+    for flag in ("kv_cache_mb", "image_cache_mb"):
+        if getattr(args, flag) < 0:
+            raise InputError(f"--{flag.replace('_', '-')} must be >= 0 (0 turns the cache off), got {getattr(args, flag)}")
+    return {"kv_cache_mb": args.kv_cache_mb, "image_cache_mb": args.image_cache_mb}
 
 
 @command("run")
@@ -85,7 +92,8 @@ def _run(args: argparse.Namespace) -> int:
 def _chat(args: argparse.Namespace) -> int:
     from vl_export.runtime.interactive import chat_loop
 
-    return chat_loop(_pipeline(args), _generation(args), max_tiles=args.max_tiles, system_message=args.system)
+    return chat_loop(_pipeline(args, **_cache_budgets(args)), _generation(args), max_tiles=args.max_tiles,
+                     system_message=args.system)
 
 
 @command("build")
@@ -169,10 +177,14 @@ def _serve(args: argparse.Namespace) -> int:
     limits = Limits(max_body_bytes=args.max_body_bytes, max_image_bytes=args.max_image_bytes,
                     max_image_pixels=args.max_image_pixels, max_images=args.max_images, max_tiles=args.max_tiles,
                     max_tokens=args.max_tokens)
+    for flag in ("max_batch", "prefill_chunk"):
+        if getattr(args, flag) < 1:
+            raise InputError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     config = ServerConfig(model_id=args.model_name or Path(args.bundle).resolve().name, host=args.host, port=args.port,
                           allow_local_files=args.allow_local_files, max_queue=args.max_queue, timeout_s=args.timeout,
-                          limits=limits)
-    run_server([_pipeline(args) for _ in range(args.workers)], config)
+                          limits=limits, max_batch=args.max_batch, prefill_chunk=args.prefill_chunk,
+                          **_cache_budgets(args))
+    run_server([_pipeline(args)], config)
     return 0
 
 
@@ -184,6 +196,13 @@ def _runtime_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the backend")
     p.add_argument("--option", action="append", default=[],
                    help="backend option key=value (repeatable), e.g. precision=f32 for openvino")
+
+
+def _cache_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kv-cache-mb", type=float, default=256.0,
+                   help="conversation KV cache budget: a follow-up prefills only what is new (default 256; 0 off)")
+    p.add_argument("--image-cache-mb", type=float, default=64.0,
+                   help="image-embedding cache budget: an image seen before skips the vision encoder (default 64; 0 off)")
 
 
 def _generation_arguments(p: argparse.ArgumentParser) -> None:
@@ -265,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chat", help="interactive multi-round chat; /image PATH attaches an image")
     _runtime_arguments(p)
     _generation_arguments(p)
+    _cache_arguments(p)
 
     p = sub.add_parser("serve", help="OpenAI-compatible chat-completions server (greedy unless the request sets "
                                      "temperature, top_p or top_k; needs the serve extra)")
@@ -272,7 +292,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--model-name", default=None, help="model id clients send (default: the bundle directory's name)")
-    p.add_argument("--workers", type=int, default=1, help="pipelines decoding in parallel, each with its own sessions")
+    p.add_argument("--max-batch", type=int, default=4,
+                   help="requests decoding together in one engine (continuous batching; default 4)")
+    p.add_argument("--prefill-chunk", type=int, default=512,
+                   help="prompt positions a newcomer prefills per step while others decode (default 512)")
+    _cache_arguments(p)
     p.add_argument("--max-queue", type=int, default=16, help="requests waiting beyond the running ones; more get 429")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per request, queueing included; then 504")
     p.add_argument("--allow-local-files", action="store_true", help="accept image paths and file:// URLs on this machine")
