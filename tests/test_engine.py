@@ -236,3 +236,55 @@ def test_image_cache_counts_hits_and_misses_and_stays_in_budget():
     assert cache.get(b"a") is None and cache.get(b"d") is not None
     assert cache.describe() | {"budget_bytes": 0} == {"entries": 3, "bytes": 3072, "budget_bytes": 0, "hits": 1,
                                                        "misses": 2, "evictions": 1}
+
+
+def test_tensorrt_load_cache_lays_out_a_new_batch_that_decodes_on():
+    """On the fake GPU (trt_fakes): the engine's relayout of two rows, then one decode step on top of it."""
+    from test_tensorrt import expected_cache, step_inputs, toy_decoder
+
+    decoder, cuda = toy_decoder(max_context=16, max_batch=2)
+    rng = np.random.default_rng(3)
+    decoder.reset(batch=1, capacity=8)
+    prompt = step_inputs(rng, 1, 0, 5)
+    decoder.forward(*prompt)
+    mine = decoder.cache()  # (1, 2, 5, 4) each
+    both = [np.concatenate([c, np.full_like(c, 3.0)]) for c in mine]  # a second row beside it
+    decoder.load_cache(both, capacity=8)
+    assert (decoder.batch, decoder.past_len) == (2, 5)
+    for got, want in zip(decoder.cache(), both):
+        np.testing.assert_array_equal(got, want)
+    step = step_inputs(rng, 2, 5, 1)
+    decoder.forward(*step)
+    for got, old, new in zip(decoder.cache(), both, expected_cache(step[0])):
+        np.testing.assert_array_equal(got[:, :, :5], old)
+        np.testing.assert_allclose(got[:, :, 5:], new, rtol=1e-6)
+    with pytest.raises(InputError, match="built for batch <= 2"):
+        decoder.load_cache([np.concatenate([c] * 3) for c in mine], capacity=8)
+
+
+def test_vl_export_chat_reuses_the_conversation_cache_with_identical_answers(bundle_fp32, tmp_path, monkeypatch):
+    import io
+
+    import vl_export.runtime.interactive as interactive
+    from vl_export.cli import main
+
+    seen = {}
+    monkeypatch.setattr(interactive, "chat_loop", lambda pipe, *a, **k: seen.update(pipe=pipe) or 0)
+    assert main(["chat", "--bundle", str(bundle_fp32), "--kv-cache-mb", "16", "--image-cache-mb", "8"]) == 0
+    assert seen["pipe"].engine.prefix_cache.budget_bytes == 16 << 20
+    assert seen["pipe"].engine.image_cache.budget_bytes == 8 << 20
+    monkeypatch.undo()
+
+    path = tmp_path / "wide.png"
+    WIDE.save(path)
+    script = f"/image {path}\nWhat is it?\nAnd the colour?\nWhy?\n/exit\n"
+    transcripts = []
+    for budget in (16, 0):
+        pipe = Pipeline.from_bundle(bundle_fp32, threads=1, kv_cache_mb=budget)
+        out = io.StringIO()
+        assert interactive.chat_loop(pipe, GenerationConfig(max_new_tokens=6), stdin=io.StringIO(script), stdout=out) == 0
+        transcripts.append(out.getvalue())
+        if budget:
+            stats = pipe.engine.prefix_cache.describe()
+            assert (stats["hits"], stats["misses"]) == (2, 1)  # the second and third rounds reuse the first
+    assert transcripts[0] == transcripts[1]
