@@ -188,6 +188,28 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+@command("bench-serve")
+def _bench_serve(args: argparse.Namespace) -> int:
+    import json
+
+    from vl_export.runtime.bench_serve import bench_serve, table
+
+    try:
+        levels = [int(n) for n in args.concurrency.split(",")]
+        width, height = (int(v) for v in args.image.lower().split("x"))
+    except ValueError:
+        raise InputError(f"--concurrency takes counts like 1,2,4,8 and --image a size like 448x448, got "
+                         f"{args.concurrency!r} and {args.image!r}") from None
+    if min(levels) < 1 or args.max_tokens < 2:
+        raise InputError("--concurrency counts must be >= 1 and --max-tokens >= 2 (inter-token latency needs two)")
+    report = bench_serve(Path(args.bundle), levels, args.max_tokens, (width, height), args.conversation_tiles,
+                         args.max_batch, args.kv_cache_mb, args.backend, **_backend_options(args))
+    print(table(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
 def _runtime_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bundle", required=True, help="bundle directory")
     p.add_argument("--backend", default="onnxruntime",
@@ -306,6 +328,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-image-bytes", type=int, default=20 * 1024 * 1024)
     p.add_argument("--max-image-pixels", type=int, default=64_000_000)
     p.add_argument("--max-body-bytes", type=int, default=64 * 1024 * 1024)
+
+    p = sub.add_parser("bench-serve", help="concurrent streaming clients against the serving engine, over loopback")
+    _runtime_arguments(p)
+    p.add_argument("--concurrency", default="1,2,4,8", help="streams per level (default 1,2,4,8)")
+    p.add_argument("--max-tokens", type=int, default=64, help="tokens per stream (default 64)")
+    p.add_argument("--image", default="448x448", help="each client's image size (default 448x448: one tile)")
+    p.add_argument("--conversation-tiles", type=int, default=7, help="tiles of the conversation's image (default 7)")
+    p.add_argument("--max-batch", type=int, default=None, help="engine slots (default: the highest concurrency)")
+    p.add_argument("--kv-cache-mb", type=float, default=256.0, help="conversation KV cache budget (default 256)")
+    p.add_argument("--json", default=None, help="also write every number to this JSON file")
     return parser
 
 
