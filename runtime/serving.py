@@ -73,27 +73,21 @@ class Stripper:
         return out
 
 
-class EngineQueue:
-    """A bounded FIFO of jobs in front of one Engine, driven by one thread: jobs take the engine's free slots in
-    order, decode together, and leave when done, cancelled (the client left) or past their deadline."""
+class _JobQueue:
+    """A bounded FIFO of jobs: `submit` refuses when full (QueueFull, a 429) or closing; subclasses run the jobs."""
 
-    def __init__(self, pipe, max_queue: int, max_batch: int = 4, kv_cache_mb: float = 0.0, image_cache_mb: float = 0.0,
-                 prefill_chunk: int = 512, metrics=None):
-        from .engine import Engine
-
-        self.pipe = pipe
-        self.metrics = metrics
-        self.engine = Engine(pipe, max_batch, prefill_chunk, kv_cache_mb, image_cache_mb, metrics)
-        self.max_queue = max_queue  # jobs waiting for a slot, besides the ones holding one
+    def __init__(self, max_queue: int):
+        self.max_queue = max_queue  # jobs waiting, besides the ones running
         self._jobs: deque[Job] = deque()
         self._cond = threading.Condition()
         self._closed = False
-        self.live: dict = {}  # Sequence -> (job, request, stripper), only touched by the engine thread
         self.counts = {"completed": 0, "cancelled": 0, "timed_out": 0, "failed": 0, "rejected": 0}
-        if metrics is not None:
-            metrics.watch(self.stats)
-        self._thread = threading.Thread(target=self._loop, name="vl-export-engine", daemon=True)
-        self._thread.start()
+
+    def _running_now(self) -> int:
+        raise NotImplementedError
+
+    def _count(self, outcome: str) -> None:
+        self.counts[outcome] += 1
 
     def submit(self, job: Job) -> None:
         with self._cond:
@@ -101,34 +95,59 @@ class EngineQueue:
                 raise QueueFull("the server is shutting down")
             if len(self._jobs) >= self.max_queue:
                 self._count("rejected")
-                raise QueueFull(f"the server is busy: {self._running} requests running and {len(self._jobs)} waiting "
-                                f"(queue limit {self.max_queue}); retry later")
+                raise QueueFull(f"the server is busy: {self._running_now()} requests running and {len(self._jobs)} "
+                                f"waiting (queue limit {self.max_queue}); retry later")
             self._jobs.append(job)
             self._cond.notify()
 
-    def stats(self) -> dict:
-        with self._cond:
-            engine = self.engine.stats()
-            return {"queued": len(self._jobs), "running": self._running, "workers": 1,
-                    "max_batch": self.engine.scheduler.max_batch, "running_batch": engine["running_batch"],
-                    "kv_cache": engine["kv_cache"], "image_cache": engine["image_cache"], **self.counts}
-
-    @property
-    def _running(self) -> int:
-        return len(self.engine.scheduler.active) + len(self.engine.scheduler.waiting)
-
-    def close(self, timeout_s: float = 5.0) -> None:
-        """Refuse new jobs, cancel waiting and running ones, stop the engine thread."""
+    def _refuse_new(self) -> None:
+        """Refuse new jobs and cancel the waiting ones."""
         with self._cond:
             self._closed = True
             for job in self._jobs:
                 job.cancel()
             self._cond.notify_all()
+
+
+class EngineQueue(_JobQueue):
+    """A bounded FIFO of jobs in front of one Engine, driven by one thread: jobs take the engine's free slots in
+    order, decode together, and leave when done, cancelled (the client left) or past their deadline.
+
+    The engine drives the Pipeline's decoder session from its thread: the Pipeline is not to be used elsewhere
+    while the queue runs."""
+
+    def __init__(self, pipe, max_queue: int, max_batch: int = 4, kv_cache_mb: float = 0.0, image_cache_mb: float = 0.0,
+                 prefill_chunk: int = 512, metrics=None):
+        from .engine import Engine
+
+        super().__init__(max_queue)  # max_queue: jobs waiting for a slot, besides the ones holding one
+        self.pipe = pipe
+        self.metrics = metrics
+        self.engine = Engine(pipe, max_batch, prefill_chunk, kv_cache_mb, image_cache_mb, metrics)
+        self.live: dict = {}  # Sequence -> (job, request, stripper), only touched by the engine thread
+        if metrics is not None:
+            metrics.watch(self.stats)
+        self._thread = threading.Thread(target=self._loop, name="vl-export-engine", daemon=True)
+        self._thread.start()
+
+    def stats(self) -> dict:
+        with self._cond:
+            engine = self.engine.stats()
+            return {"queued": len(self._jobs), "running": self._running_now(), "workers": 1,
+                    "max_batch": self.engine.scheduler.max_batch, "running_batch": engine["running_batch"],
+                    "kv_cache": engine["kv_cache"], "image_cache": engine["image_cache"], **self.counts}
+
+    def _running_now(self) -> int:
+        return len(self.engine.scheduler.active) + len(self.engine.scheduler.waiting)
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Refuse new jobs, cancel waiting and running ones, stop the engine thread."""
+        self._refuse_new()
         self._thread.join(timeout_s)
         self.engine.close()
 
     def _count(self, outcome: str) -> None:
-        self.counts[outcome] += 1
+        super()._count(outcome)
         if self.metrics is not None:
             self.metrics.outcome(outcome)
 
@@ -211,31 +230,22 @@ class EngineQueue:
                 self._count("completed")
 
 
-class GenerationQueue:
+class GenerationQueue(_JobQueue):
+    """One request at a time per Pipeline, one worker thread each (the server before the engine; kept for callers
+    that build it: `serve` runs an EngineQueue)."""
+
     def __init__(self, pipelines: Sequence, max_queue: int):
         if not pipelines:
             raise ValueError("a generation queue needs at least one pipeline")
-        self.max_queue = max_queue  # jobs waiting, besides the ones running
-        self._jobs: deque[Job] = deque()
-        self._cond = threading.Condition()
-        self._closed = False
+        super().__init__(max_queue)
         self.running = 0
-        self.counts = {"completed": 0, "cancelled": 0, "timed_out": 0, "failed": 0, "rejected": 0}
         self._threads = [threading.Thread(target=self._work, args=(pipe,), name=f"vl-export-worker-{i}", daemon=True)
                          for i, pipe in enumerate(pipelines)]
         for thread in self._threads:
             thread.start()
 
-    def submit(self, job: Job) -> None:
-        with self._cond:
-            if self._closed:
-                raise QueueFull("the server is shutting down")
-            if len(self._jobs) >= self.max_queue:
-                self.counts["rejected"] += 1
-                raise QueueFull(f"the server is busy: {self.running} requests running and {len(self._jobs)} waiting "
-                                f"(queue limit {self.max_queue}); retry later")
-            self._jobs.append(job)
-            self._cond.notify()
+    def _running_now(self) -> int:
+        return self.running
 
     def stats(self) -> dict:
         with self._cond:
@@ -243,11 +253,7 @@ class GenerationQueue:
 
     def close(self, timeout_s: float = 5.0) -> None:
         """Refuse new jobs, cancel waiting and running ones, wait a little for the workers to stop."""
-        with self._cond:
-            self._closed = True
-            for job in self._jobs:
-                job.cancel()
-            self._cond.notify_all()
+        self._refuse_new()
         for thread in self._threads:
             thread.join(timeout_s)
 
