@@ -17,10 +17,9 @@ from vl_export.manifest import Manifest
 from . import prompt as prompts
 from .backends import open_backends
 from .backends.base import Backend, DecoderSession, GraphSession
-from .generate import Generated, generate, generate_steps
 from .preprocess import ImageInput, TilingConfig, preprocess_images, preprocess_video
 from .sampling import GenerationConfig
-from .tokenizer import IncrementalDecoder, TextTokenizer
+from .tokenizer import TextTokenizer
 
 Images = ImageInput | Sequence[ImageInput] | None
 TILES_PER_RUN = 8  # tiles per vision run: bounds its activation memory; TensorRT's vision profiles are tuned for it
@@ -35,6 +34,7 @@ class Timings:
     new_tokens: int = 0
     prompt_tokens: int = 0
     tiles: int = 0
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
 
     @property
     def ttft_ms(self) -> float:
@@ -57,6 +57,7 @@ class Timings:
             "new_tokens": self.new_tokens,
             "prompt_tokens": self.prompt_tokens,
             "tiles": self.tiles,
+            "cached_tokens": self.cached_tokens,
         }
 
 
@@ -97,7 +98,8 @@ class Stream:
 
 class Pipeline:
     def __init__(self, bundle: Path, manifest: Manifest, backends: dict[str, Backend], max_tiles_per_run: int = TILES_PER_RUN,
-                 lazy: bool = False, parse_special_tokens: bool = False):
+                 lazy: bool = False, kv_cache_mb: float = 0.0, image_cache_mb: float = 0.0, max_batch: int = 8,
+                 parse_special_tokens: bool = False):
         self.bundle = bundle
         self.manifest = manifest
         self.backends = backends  # role -> backend; one backend for all graphs unless a per-graph spec asked otherwise
@@ -109,24 +111,30 @@ class Pipeline:
                                                       self.tokenizer.vocab_size)  # (vocab, hidden), memory-mapped
         pre = manifest.preprocessing
         self.tiling = TilingConfig(pre.image_size, pre.min_tiles, pre.max_tiles, pre.use_thumbnail, pre.mean, pre.std)
+        # The engine behind chat(), stream() and batch_chat(); its caches are off unless asked for (a library call
+        # should not hold hundreds of MB behind the caller's back). The server runs an engine of its own.
+        self.engine_options = {"kv_cache_mb": kv_cache_mb, "image_cache_mb": image_cache_mb, "max_batch": max_batch}
         if not lazy:  # load every graph now, so the first request pays no session start-up
             self.vision, self.projector, self.decoder  # noqa: B018
 
     @classmethod
     def from_bundle(cls, path: str | Path, backend: str = "onnxruntime", max_tiles_per_run: int = TILES_PER_RUN,
-                    lazy: bool = False, parse_special_tokens: bool = False, **backend_options) -> Pipeline:
+                    lazy: bool = False, kv_cache_mb: float = 0.0, image_cache_mb: float = 0.0,
+                    parse_special_tokens: bool = False, **backend_options) -> Pipeline:
         """Load a bundle. backend: onnxruntime (ort), openvino (ov) or tensorrt (trt), or one per graph, e.g.
         `vision=openvino,decoder=onnxruntime` (each graph where it runs fastest); options go to the backends that
         take them (threads=, device=, ...).
 
         lazy: open each graph on first use (calibration, for one, never needs the decoder of a vision-only pass).
+        kv_cache_mb, image_cache_mb: budgets of the conversation KV cache (a follow-up question prefills only what
+        is new) and of the image-embedding cache (an image seen before skips the vision encoder); 0 is off.
         parse_special_tokens: encode text as the reference does, special-token strings becoming control tokens
         (default: text is plain text; see runtime/prompt.py).
         """
         path = Path(path)
         manifest = Manifest.load(path)
         return cls(path, manifest, open_backends(backend, path, manifest, **backend_options), max_tiles_per_run, lazy,
-                   parse_special_tokens)
+                   kv_cache_mb, image_cache_mb, parse_special_tokens=parse_special_tokens)
 
     def _graph(self, role: str):
         backend = self.backends[role]
@@ -148,6 +156,12 @@ class Pipeline:
     def decoder(self) -> DecoderSession:
         backend, entry = self._graph("decoder")
         return backend.open_decoder(self.bundle, entry)
+
+    @cached_property
+    def engine(self):
+        from .engine import Engine
+
+        return Engine(self, **self.engine_options)
 
     # --- stages --------------------------------------------------------------------------------------------
 
@@ -219,79 +233,59 @@ class Pipeline:
 
     def stream(self, question: str, images: Images = None, history: Sequence[tuple[str, str]] = (),
                generation: GenerationConfig | None = None, **prepare_options) -> Stream:
-        """As chat(), yielding text pieces as they are decoded; the ChatResult is on `.result` at the end."""
+        """As chat(), yielding text pieces as they are decoded; the ChatResult is on `.result` at the end.
+
+        Streams share the pipeline's engine: several open at once decode together, each at its own pace."""
         generation = generation or GenerationConfig()
         request = self.prepare(question, images, history, **prepare_options)
+        seq = self.engine.add(request, generation)
         stream = Stream(iter(()))
-        stream.pieces = self._stream(request, generation, stream)
+        stream.pieces = self._stream(request, seq, stream)
         return stream
 
-    def _stream(self, request: Request, generation: GenerationConfig, stream: Stream) -> Iterator[str]:
-        timings = Timings(preprocess_ms=request.preprocess_ms, prompt_tokens=len(request.ids), tiles=len(request.pixel_values))
-        start = time.perf_counter()
-        image_embeds = self.encode_images(request.pixel_values) if len(request.pixel_values) else None
-        timings.vision_ms = (time.perf_counter() - start) * 1000
-        embeds = self.splice(request.ids, image_embeds)[None]  # (1, s, hidden)
-        detok = IncrementalDecoder(self.tokenizer, generation.stop)
-        pieces: list[str] = []
-
-        def on_token(row: int, token: int) -> bool:
-            pieces.append(detok.push(token))
-            return detok.stopped
-
-        steps = generate_steps(self.decoder, embeds, np.ones((1, len(request.ids)), np.int64), self.embed, generation,
-                               self.tokenizer.stop_ids, self.tokenizer.pad, self.manifest.max_context, on_token)
-        while True:
-            try:
-                next(steps)
-            except StopIteration as finished:
-                generated: Generated = finished.value
-                break
-            yield from (p for p in pieces if p)
-            pieces.clear()
-        tail = detok.finish()
-        if tail:
-            yield tail
-        timings.prefill_ms, timings.decode_ms = generated.prefill_s * 1000, generated.decode_s * 1000
-        timings.new_tokens = len(generated.token_ids[0])
-        text = prompts.clean_response(detok.final_text)
-        stream.result = ChatResult(text, generated.token_ids[0], request.history + [(request.question, text)],
-                                   generated.finish_reasons[0], timings)
+    def _stream(self, request: Request, seq, stream: Stream) -> Iterator[str]:
+        try:
+            while not seq.finished:
+                self.engine.step()
+                text = seq.take_text()
+                if text:
+                    yield text
+        finally:
+            self.engine.abort(seq)  # a no-op once finished; a caller that stopped early frees its slot
+        if seq.error is not None:
+            raise seq.error
+        stream.result = chat_result(request, seq)
 
     def batch_chat(self, questions: Sequence[str], images: Sequence[Images] | None = None,
                    generation: GenerationConfig | None = None, system_message: str | None = None) -> list[ChatResult]:
-        """Several independent questions in one left-padded batch, as InternVL2.5's batch_chat()."""
+        """Several independent questions decoded together, as InternVL2.5's batch_chat() (each answer the same as
+        asking it alone)."""
         generation = generation or GenerationConfig()
         images = list(images) if images is not None else [None] * len(questions)
         if len(images) != len(questions):
             raise InputError(f"{len(questions)} questions but {len(images)} image entries")
         requests = [self.prepare(q, im, system_message=system_message) for q, im in zip(questions, images)]
-        start = time.perf_counter()
-        all_pixels = [r.pixel_values for r in requests if len(r.pixel_values)]
-        image_embeds = self.encode_images(np.concatenate(all_pixels)) if all_pixels else None
-        vision_ms = (time.perf_counter() - start) * 1000
-        width = max(len(r.ids) for r in requests)
-        hidden = self.embed_table.shape[1]
-        embeds = np.zeros((len(requests), width, hidden), np.float32)
-        mask = np.zeros((len(requests), width), np.int64)
-        used = 0
-        for row, r in enumerate(requests):
-            tiles = len(r.pixel_values)
-            mine = image_embeds[used : used + tiles] if tiles else None
-            used += tiles
-            pad = width - len(r.ids)
-            embeds[row, :pad] = self.embed(np.array([self.tokenizer.pad]))
-            embeds[row, pad:] = self.splice(r.ids, mine)
-            mask[row, pad:] = 1
-        generated = generate(self.decoder, embeds, mask, self.embed, generation, self.tokenizer.stop_ids,
-                             self.tokenizer.pad, self.manifest.max_context)
-        results = []
-        for row, r in enumerate(requests):
-            timings = Timings(r.preprocess_ms, vision_ms, generated.prefill_s * 1000, generated.decode_s * 1000,
-                              len(generated.token_ids[row]), len(r.ids), len(r.pixel_values))
-            text = prompts.clean_response(self.tokenizer.decode(generated.token_ids[row]))
-            results.append(ChatResult(text, generated.token_ids[row], [(r.question, text)], generated.finish_reasons[row], timings))
-        return results
+        seqs = [self.engine.add(r, generation) for r in requests]
+        try:
+            while not all(seq.finished for seq in seqs):
+                self.engine.step()
+        finally:
+            for seq in seqs:
+                self.engine.abort(seq)
+        for seq in seqs:
+            if seq.error is not None:
+                raise seq.error
+        return [chat_result(r, seq) for r, seq in zip(requests, seqs)]
+
+
+def chat_result(request: Request, seq) -> ChatResult:
+    """A finished engine sequence as chat() answers: the cleaned text and the conversation extended by it."""
+    timings = Timings(request.preprocess_ms, seq.vision_ms, seq.prefill_ms, new_tokens=len(seq.tokens),
+                      prompt_tokens=seq.prompt_len, tiles=len(request.pixel_values), cached_tokens=seq.cached)
+    if seq.first_token_at is not None:
+        timings.decode_ms = (seq.last_token_at - seq.first_token_at) * 1000
+    text = prompts.clean_response(seq.detok.final_text)
+    return ChatResult(text, list(seq.tokens), request.history + [(request.question, text)], seq.finish_reason, timings)
 
 
 class BackendSet:

@@ -1,4 +1,4 @@
-"""`vl-export serve`: the OpenAI chat-completions API over HTTP (FastAPI + uvicorn), in front of a GenerationQueue.
+"""`vl-export serve`: the OpenAI chat-completions API over HTTP (FastAPI + uvicorn), in front of an EngineQueue.
 
 FastAPI and uvicorn (the `serve` extra) are imported only when a server is made, so the runtime imports without them.
 Each request: read the body (bounded), parse it (openai_schema), queue a Job (429 when the queue is full), then
@@ -21,7 +21,7 @@ from pathlib import Path
 from vl_export.errors import VlExportError
 
 from .openai_schema import ChatCall, Limits, OpenAIError, chunk, completion, new_completion_id, parse_chat_request, usage_chunk
-from .serving import Event, GenerationQueue, Job, QueueFull
+from .serving import EngineQueue, Event, Job, QueueFull
 
 log = logging.getLogger("vl_export.serve")
 
@@ -38,6 +38,11 @@ class ServerConfig:
     read_timeout_s: float = 30.0  # to receive a request's headers, and again its body
     max_connections: int = 64  # open connections; more get 503
     docs: bool = False  # /docs and /openapi.json
+
+    max_batch: int = 4  # requests decoding together (slots of the engine)
+    kv_cache_mb: float = 256.0  # conversation KV prefix cache; 0 turns it off
+    image_cache_mb: float = 64.0  # image-embedding cache; 0 turns it off
+    prefill_chunk: int = 512  # prompt positions per prefill step while other requests are decoding
 
     def __post_init__(self):
         from vl_export.errors import InputError
@@ -69,8 +74,9 @@ def _fastapi():
     return fastapi, starlette.responses, starlette.exceptions
 
 
-def create_app(queue: GenerationQueue, config: ServerConfig):
-    """The ASGI app; the queue (and its Pipelines) belongs to the caller."""
+def create_app(queue, config: ServerConfig):
+    """The ASGI app; the queue (an EngineQueue, or anything with its submit/stats/close) belongs to the caller.
+    GET /metrics is served when the queue has `metrics` (a runtime.metrics.Metrics)."""
     fastapi, responses, exceptions = _fastapi()
     docs = {} if config.docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}  # off unless asked
     app = fastapi.FastAPI(title="vl-export", description="OpenAI-compatible chat completions for an InternVL2.5 bundle",
@@ -90,6 +96,14 @@ def create_app(queue: GenerationQueue, config: ServerConfig):
 
     def model_card() -> dict:
         return {"id": config.model_id, "object": "model", "created": started, "owned_by": "vl-export"}
+
+    metrics = getattr(queue, "metrics", None)
+    if metrics is not None:
+
+        @app.get("/metrics")
+        async def prometheus_metrics():
+            body, content_type = metrics.render()
+            return responses.Response(body, media_type=content_type)
 
     @app.get("/v1/models")
     async def models():
@@ -166,7 +180,7 @@ async def _read_body(request, limit: int) -> bytes:
 class Exchange:
     """One request's life between the HTTP handler and the worker: its job, its events, its deadline."""
 
-    def __init__(self, queue: GenerationQueue, call: ChatCall, request, deadline: float, config: ServerConfig):
+    def __init__(self, queue, call: ChatCall, request, deadline: float, config: ServerConfig):
         self.queue, self.call, self.request, self.deadline, self.config = queue, call, request, deadline, config
         self.id = new_completion_id()
         self.created = int(time.time())
@@ -192,8 +206,8 @@ class Exchange:
         while event.kind != "done":
             event = self._check(await self._next(watch_disconnect=True))
         result = event.value
-        return completion(self.id, self.config.model_id, result.text, result.finish_reason,
-                          result.timings.prompt_tokens, len(result.token_ids))
+        return _with_cached(completion(self.id, self.config.model_id, result.text, result.finish_reason,
+                                       result.timings.prompt_tokens, len(result.token_ids)), result)
 
     async def sse(self, first: Event):
         """OpenAI's stream: a role chunk, content chunks, a finish_reason chunk, [usage chunk], `data: [DONE]`."""
@@ -213,7 +227,8 @@ class Exchange:
                     result = event.value
                     yield _sse(chunk(self.id, model, {}, result.finish_reason, created=self.created))
                     if self.call.include_usage:
-                        yield _sse(usage_chunk(self.id, model, result.timings.prompt_tokens, len(result.token_ids), self.created))
+                        yield _sse(_with_cached(usage_chunk(self.id, model, result.timings.prompt_tokens,
+                                                            len(result.token_ids), self.created), result))
                     break
             yield "data: [DONE]\n\n"
         finally:
@@ -260,6 +275,12 @@ async def _disconnected(request) -> None:
         pass
 
 
+def _with_cached(body: dict, result) -> dict:
+    """OpenAI's own field for prompt tokens served from a cache: usage.prompt_tokens_details.cached_tokens."""
+    body["usage"]["prompt_tokens_details"] = {"cached_tokens": result.timings.cached_tokens}
+    return body
+
+
 def _sse(data: dict) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
@@ -274,10 +295,24 @@ def _uvicorn():
     return uvicorn
 
 
+def engine_queue(pipe, config: ServerConfig) -> EngineQueue:
+    """The server's engine over one Pipeline's sessions, with its metrics."""
+    from .metrics import Metrics
+
+    return EngineQueue(pipe, config.max_queue, config.max_batch, config.kv_cache_mb, config.image_cache_mb,
+                       config.prefill_chunk, Metrics())
+
+
+def _one(pipelines: Sequence):
+    if len(pipelines) != 1:
+        raise ValueError(f"a server runs one engine over one Pipeline, got {len(pipelines)}")
+    return pipelines[0]
+
+
 def run_server(pipelines: Sequence, config: ServerConfig, log_level: str = "info") -> None:
     """Serve until interrupted (the `vl-export serve` command)."""
     uvicorn = _uvicorn()
-    queue = GenerationQueue(pipelines, config.max_queue)
+    queue = engine_queue(_one(pipelines), config)
     try:
         uvicorn.run(create_app(queue, config), host=config.host, port=config.port, log_level=log_level,
                     timeout_graceful_shutdown=5, **_connection_limits(config))
@@ -295,11 +330,11 @@ def _connection_limits(config: ServerConfig) -> dict:
 class BackgroundServer:
     """uvicorn in a thread on a free local port (tests and the load script): `with BackgroundServer(...) as url:`."""
 
-    def __init__(self, pipelines: Sequence, config: ServerConfig, log_level: str = "warning"):
+    def __init__(self, pipelines: Sequence, config: ServerConfig, log_level: str = "warning", queue=None):
         import socket
 
         uvicorn = _uvicorn()
-        self.queue = GenerationQueue(pipelines, config.max_queue)
+        self.queue = queue if queue is not None else engine_queue(_one(pipelines), config)
         self.socket = socket.socket()
         self.socket.bind((config.host, config.port))  # port 0: the OS picks a free one, with no race
         self.url = f"http://{config.host}:{self.socket.getsockname()[1]}"

@@ -1,8 +1,9 @@
 """`vl-export serve` on a tiny bundle, driven by the official openai client: the runtime's answers, over HTTP.
 
-Each answer is compared with Pipeline.chat on the same bundle (greedy, same images and conversation); bad
-requests get OpenAI-shaped 4xx errors and the server keeps serving; the queue bound, the timeout and a
-client's disconnect are shown on a server whose pipeline can be held at a gate.
+Each answer is compared with Pipeline.chat on the same bundle (greedy, same images and conversation), also when
+requests decode together in the engine's batch; bad requests get OpenAI-shaped 4xx errors and the server keeps
+serving; the queue bound, the timeout and a client's disconnect are shown on a server whose engine can be held at
+a gate; a repeated conversation reports its cached prompt tokens; /metrics speaks Prometheus.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from PIL import Image
 from vl_export.cli import main
 from vl_export.runtime import GenerationConfig, Pipeline
 from vl_export.runtime.openai_schema import Limits, OpenAIError, parse_chat_request
-from vl_export.runtime.server import BackgroundServer, ServerConfig
+from vl_export.runtime.server import BackgroundServer, ServerConfig, engine_queue
 
 MODEL = "tiny-internvl"
 LIMITS = Limits(max_body_bytes=2_000_000, max_image_bytes=400_000, max_tokens=256)
@@ -196,30 +197,85 @@ def test_concurrent_clients_each_get_their_own_answer(client, pipe):
         assert list(pool.map(ask, range(len(prompts)))) == want
 
 
-class GatedPipeline:
-    """A Pipeline that can be held before it starts (a busy worker) and slowed between tokens."""
+def test_a_repeated_conversation_reports_cached_tokens_and_answers_the_same(client, pipe):
+    fresh = png(448, 224, 11)  # an image no other test sent: nothing of this conversation is cached yet
+    first_q, second_q = user("What is in the picture?", fresh), {"role": "user", "content": "And its colours?"}
+    first = client.chat.completions.create(model=MODEL, messages=[first_q], max_tokens=10)
+    # Other tests' requests share the system prompt with it, never its image's 768 tokens.
+    assert first.usage.prompt_tokens_details.cached_tokens < first.usage.prompt_tokens - 768
+    answer = first.choices[0].message.content
+    messages = [first_q, {"role": "assistant", "content": answer}, second_q]
+    second = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10)
+    history = [("<image>\nWhat is in the picture?", answer)]
+    want = pipe.chat("And its colours?", images=[fresh], history=history, generation=greedy(10))
+    assert second.choices[0].message.content == want.text
+    # The first round (its 768 image tokens among them) comes from the cache; the new question does not.
+    assert first.usage.prompt_tokens <= second.usage.prompt_tokens_details.cached_tokens < second.usage.prompt_tokens
+    stream = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, stream=True,
+                                            stream_options={"include_usage": True})
+    usage = [c.usage for c in stream if c.usage is not None]
+    assert usage[0].prompt_tokens_details.cached_tokens >= second.usage.prompt_tokens_details.cached_tokens
+
+
+def test_metrics_count_requests_tokens_latencies_and_caches(client, server):
+    before = metric_values(httpx.get(server + "/metrics").text)
+    fresh = png(224, 224, 12)  # new to the server: its image tokens are in no cache
+    client.chat.completions.create(model=MODEL, messages=[user("Describe the image.", fresh)], max_tokens=5)
+    text = httpx.get(server + "/metrics").text
+    after = metric_values(text)
+    grew = {name: after.get(name, 0) - before.get(name, 0) for name in after}
+    assert grew['vl_export_requests_total{outcome="completed"}'] == 1
+    assert grew["vl_export_generated_tokens_total"] == 5
+    assert grew["vl_export_time_to_first_token_seconds_count"] == 1
+    assert grew["vl_export_inter_token_latency_seconds_count"] == 4
+    assert (grew["vl_export_image_cache_hits_total"], grew["vl_export_image_cache_misses_total"]) == (0, 1)
+    assert grew["vl_export_cached_prompt_tokens_total"] > 0  # the system prompt, shared with earlier requests
+    assert after["vl_export_kv_cache_bytes"] > 0 and after["vl_export_queue_depth"] == 0
+    assert "# TYPE vl_export_time_to_first_token_seconds histogram" in text
+
+
+def metric_values(text: str) -> dict[str, float]:
+    """Prometheus text format -> {'name{labels}': value}."""
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line and not line.startswith("#")}
+
+
+def test_a_request_that_cannot_fit_the_context_gets_400_before_any_work(gated, pipe):
+    config = ServerConfig(MODEL, port=0, max_queue=2, timeout_s=60, limits=Limits(max_tokens=10_000))
+    with gated.server(config) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60)
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=5000)
+        assert "over the model's context of 4096" in refused.value.body["message"]
+        health = httpx.get(url + "/health").json()
+        assert (health["failed"], health["completed"]) == (1, 0)
+        got = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
+        assert got.choices[0].message.content == pipe.chat("Hi", generation=greedy(4)).text
+
+
+class Gated:
+    """Servers whose engine can be held before each step (a busy engine) and slowed between steps."""
 
     def __init__(self, pipe):
         self.pipe, self.gate, self.delay_s = pipe, threading.Event(), 0.0
         self.gate.set()
 
-    def stream(self, *args, **kwargs):
-        self.gate.wait()
-        stream = self.pipe.stream(*args, **kwargs)
-        pieces = stream.pieces
+    def server(self, config: ServerConfig) -> BackgroundServer:
+        queue = engine_queue(self.pipe, config)
+        step = queue.engine.step
 
-        def slowed():
-            for piece in pieces:
-                time.sleep(self.delay_s)
-                yield piece
+        def gated_step():
+            self.gate.wait()
+            time.sleep(self.delay_s)
+            step()
 
-        stream.pieces = slowed()
-        return stream
+        queue.engine.step = gated_step
+        return BackgroundServer([], config, queue=queue)
 
 
 @pytest.fixture(scope="module")
 def gated(bundle_fp32):
-    return GatedPipeline(Pipeline.from_bundle(bundle_fp32, threads=1))
+    return Gated(Pipeline.from_bundle(bundle_fp32, threads=1))
 
 
 def wait_for(url, predicate, timeout_s=10.0) -> dict:
@@ -233,8 +289,8 @@ def wait_for(url, predicate, timeout_s=10.0) -> dict:
 
 
 def test_a_full_queue_gets_429_and_queued_requests_still_finish(gated, pipe):
-    config = ServerConfig(MODEL, port=0, max_queue=1, timeout_s=60, limits=LIMITS)
-    with BackgroundServer([gated], config) as url, ThreadPoolExecutor(2) as pool:
+    config = ServerConfig(MODEL, port=0, max_queue=1, timeout_s=60, limits=LIMITS, max_batch=1)
+    with gated.server(config) as url, ThreadPoolExecutor(2) as pool:
         client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60)
 
         def ask(question):
@@ -259,7 +315,7 @@ def test_a_full_queue_gets_429_and_queued_requests_still_finish(gated, pipe):
 
 def test_a_request_past_its_timeout_gets_504(gated):
     config = ServerConfig(MODEL, port=0, max_queue=2, timeout_s=1.0, limits=LIMITS)
-    with BackgroundServer([gated], config) as url:
+    with gated.server(config) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60)
         gated.gate.clear()
         try:
@@ -270,13 +326,13 @@ def test_a_request_past_its_timeout_gets_504(gated):
             assert 1.0 <= time.monotonic() - start < 5
         finally:
             gated.gate.set()
-        # The worker drops the abandoned job at its first token instead of decoding all of it.
+        # The engine drops the abandoned job at its next step instead of decoding all of it.
         assert wait_for(url, lambda h: h["running"] == 0 and h["cancelled"] + h["timed_out"] == 1)["completed"] == 0
 
 
 def test_a_client_that_disconnects_stops_its_generation(gated, pipe):
     config = ServerConfig(MODEL, port=0, max_queue=2, timeout_s=60, limits=LIMITS)
-    with BackgroundServer([gated], config) as url:
+    with gated.server(config) as url:
         gated.delay_s = 0.02  # 200 tokens would take 4 s
         try:
             body = {"model": MODEL, "messages": [user("Describe the image.", PICTURE)], "max_tokens": 200, "stream": True}
@@ -355,11 +411,20 @@ def test_serve_command_passes_its_flags_to_the_server(monkeypatch, bundle_fp32, 
     seen = {}
     monkeypatch.setattr(server_module, "run_server", lambda pipelines, config: seen.update(pipelines=pipelines, config=config))
     assert main(["serve", "--bundle", str(bundle_fp32), "--port", "9001", "--max-queue", "3", "--timeout", "7",
-                 "--allow-local-files", str(tmp_path), "--max-image-bytes", "1000", "--max-tokens", "64", "--threads", "1"]) == 0
+                 "--allow-local-files", str(tmp_path), "--max-image-bytes", "1000", "--max-tokens", "64", "--threads", "1",
+                 "--max-batch", "6", "--kv-cache-mb", "32", "--image-cache-mb", "0", "--prefill-chunk", "128"]) == 0
     config = seen["config"]
     assert (config.model_id, config.port, config.max_queue, config.timeout_s, config.allow_local_files) == ("fp32", 9001, 3, 7.0, str(tmp_path))
+    assert (config.max_batch, config.kv_cache_mb, config.image_cache_mb, config.prefill_chunk) == (6, 32.0, 0.0, 128)
     assert (config.limits.max_image_bytes, config.limits.max_tokens) == (1000, 64)
     assert [type(p).__name__ for p in seen["pipelines"]] == ["Pipeline"]
+
+
+@pytest.mark.parametrize("flags, message", [(["--max-batch", "0"], "--max-batch must be at least 1, got 0"),
+                                            (["--kv-cache-mb", "-1"], "--kv-cache-mb must be >= 0")])
+def test_serve_refuses_engine_flags_it_cannot_use(bundle_fp32, capsys, flags, message):
+    assert main(["serve", "--bundle", str(bundle_fp32), *flags]) == 2
+    assert message in capsys.readouterr().err
 
 
 def test_the_runtime_imports_without_fastapi_and_the_server_says_what_to_install():

@@ -145,7 +145,7 @@ def test_max_queue_zero_means_no_waiting_but_idle_workers_still_serve():
 
 @pytest.mark.parametrize("flags, message", [
     (["--max-queue", "-1"], "--max-queue must be 0 or more"),
-    (["--workers", "0"], "--workers must be at least 1"),
+    (["--max-batch", "0"], "--max-batch must be at least 1"),
     (["--threads", "0"], "--threads must be at least 1"),
     (["--threads", "-2"], "--threads must be at least 1"),
     (["--timeout", "nan"], "--timeout must be a positive number"),

@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from . import __version__
-from .errors import VlExportError
+from .errors import InputError, VlExportError
 
 Command = Callable[[argparse.Namespace], int]
 COMMANDS: dict[str, Command] = {}
@@ -58,11 +58,18 @@ def _backend_options(args: argparse.Namespace) -> dict:
     return options
 
 
-def _pipeline(args: argparse.Namespace):
+def _pipeline(args: argparse.Namespace, **options):
     from vl_export.runtime import Pipeline
 
     return Pipeline.from_bundle(args.bundle, backend=args.backend, parse_special_tokens=args.parse_special_tokens,
-                                **_backend_options(args))
+                                **options, **_backend_options(args))
+
+
+def _cache_budgets(args: argparse.Namespace) -> dict:
+    for flag in ("kv_cache_mb", "image_cache_mb"):
+        if getattr(args, flag) < 0:
+            raise InputError(f"--{flag.replace('_', '-')} must be >= 0 (0 turns the cache off), got {getattr(args, flag)}")
+    return {"kv_cache_mb": args.kv_cache_mb, "image_cache_mb": args.image_cache_mb}
 
 
 @command("run")
@@ -88,7 +95,8 @@ def _run(args: argparse.Namespace) -> int:
 def _chat(args: argparse.Namespace) -> int:
     from vl_export.runtime.interactive import chat_loop
 
-    return chat_loop(_pipeline(args), _generation(args), max_tiles=args.max_tiles, system_message=args.system)
+    return chat_loop(_pipeline(args, **_cache_budgets(args)), _generation(args), max_tiles=args.max_tiles,
+                     system_message=args.system)
 
 
 @command("build")
@@ -172,16 +180,40 @@ def _serve(args: argparse.Namespace) -> int:
     from vl_export.runtime.openai_schema import Limits
     from vl_export.runtime.server import ServerConfig, run_server
 
-    if args.workers < 1:
-        raise VlExportError(f"--workers must be at least 1, got {args.workers}")
     limits = Limits(max_body_bytes=args.max_body_bytes, max_image_bytes=args.max_image_bytes,
                     max_image_pixels=args.max_image_pixels, max_images=args.max_images, max_tiles=args.max_tiles,
                     max_tokens=args.max_tokens)
+    for flag in ("max_batch", "prefill_chunk"):
+        if getattr(args, flag) < 1:
+            raise InputError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     config = ServerConfig(model_id=args.model_name or Path(args.bundle).resolve().name, host=args.host, port=args.port,
                           allow_local_files=args.allow_local_files, max_queue=args.max_queue, timeout_s=args.timeout,
                           limits=limits, read_timeout_s=args.read_timeout, max_connections=args.max_connections,
-                          docs=args.docs)
-    run_server([_pipeline(args) for _ in range(args.workers)], config)
+                          docs=args.docs, max_batch=args.max_batch, prefill_chunk=args.prefill_chunk,
+                          **_cache_budgets(args))
+    run_server([_pipeline(args)], config)
+    return 0
+
+
+@command("bench-serve")
+def _bench_serve(args: argparse.Namespace) -> int:
+    import json
+
+    from vl_export.runtime.bench_serve import bench_serve, table
+
+    try:
+        levels = [int(n) for n in args.concurrency.split(",")]
+        width, height = (int(v) for v in args.image.lower().split("x"))
+    except ValueError:
+        raise InputError(f"--concurrency takes counts like 1,2,4,8 and --image a size like 448x448, got "
+                         f"{args.concurrency!r} and {args.image!r}") from None
+    if min(levels) < 1 or args.max_tokens < 2:
+        raise InputError("--concurrency counts must be >= 1 and --max-tokens >= 2 (inter-token latency needs two)")
+    report = bench_serve(Path(args.bundle), levels, args.max_tokens, (width, height), args.conversation_tiles,
+                         args.max_batch, args.kv_cache_mb, args.backend, **_backend_options(args))
+    print(table(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     return 0
 
 
@@ -193,6 +225,13 @@ def _runtime_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the backend")
     p.add_argument("--option", action="append", default=[],
                    help="backend option key=value (repeatable), e.g. precision=f32 for openvino")
+
+
+def _cache_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kv-cache-mb", type=float, default=256.0,
+                   help="conversation KV cache budget: a follow-up prefills only what is new (default 256; 0 off)")
+    p.add_argument("--image-cache-mb", type=float, default=64.0,
+                   help="image-embedding cache budget: an image seen before skips the vision encoder (default 64; 0 off)")
 
 
 def _generation_arguments(p: argparse.ArgumentParser) -> None:
@@ -281,6 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chat", help="interactive multi-round chat; /image PATH attaches an image")
     _runtime_arguments(p)
     _generation_arguments(p)
+    _cache_arguments(p)
 
     p = sub.add_parser("serve", help="OpenAI-compatible chat-completions server (greedy unless the request sets "
                                      "temperature, top_p or top_k; needs the serve extra)")
@@ -288,7 +328,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--model-name", default=None, help="model id clients send (default: the bundle directory's name)")
-    p.add_argument("--workers", type=int, default=1, help="pipelines decoding in parallel, each with its own sessions")
+    p.add_argument("--max-batch", type=int, default=4,
+                   help="requests decoding together in one engine (continuous batching; default 4)")
+    p.add_argument("--prefill-chunk", type=int, default=512,
+                   help="prompt positions a newcomer prefills per step while others decode (default 512)")
+    _cache_arguments(p)
     p.add_argument("--max-queue", type=int, default=16, help="requests waiting beyond the running ones; more get 429")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per request, queueing included; then 504")
     p.add_argument("--allow-local-files", default=None, metavar="ROOT",
@@ -303,6 +347,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-image-bytes", type=int, default=20 * 1024 * 1024)
     p.add_argument("--max-image-pixels", type=int, default=64_000_000)
     p.add_argument("--max-body-bytes", type=int, default=64 * 1024 * 1024)
+
+    p = sub.add_parser("bench-serve", help="concurrent streaming clients against the serving engine, over loopback")
+    _runtime_arguments(p)
+    p.add_argument("--concurrency", default="1,2,4,8", help="streams per level (default 1,2,4,8)")
+    p.add_argument("--max-tokens", type=int, default=64, help="tokens per stream (default 64)")
+    p.add_argument("--image", default="448x448", help="each client's image size (default 448x448: one tile)")
+    p.add_argument("--conversation-tiles", type=int, default=7, help="tiles of the conversation's image (default 7)")
+    p.add_argument("--max-batch", type=int, default=None, help="engine slots (default: the highest concurrency)")
+    p.add_argument("--kv-cache-mb", type=float, default=256.0, help="conversation KV cache budget (default 256)")
+    p.add_argument("--json", default=None, help="also write every number to this JSON file")
     return parser
 
 

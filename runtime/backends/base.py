@@ -51,6 +51,15 @@ class DecoderSession(ABC):
     def cache(self) -> list[np.ndarray]:
         """Host copies of the cache in graph order (layer 0 key, layer 0 value, ...), each (b, kv_heads, past, d)."""
 
+    @abstractmethod
+    def load_cache(self, cache: list[np.ndarray], capacity: int) -> None:
+        """Replace the cache by host arrays in graph order, each (b, kv_heads, past, d): batch becomes b, past_len
+        becomes past, and the buffers hold at least `capacity` positions (as `reset`).
+
+        The serving engine lays out each new running batch with it (requests join and leave between steps) and
+        resumes a prompt from a cached prefix; `load_cache(cache(), capacity)` changes nothing but the capacity.
+        """
+
 
 class Backend(ABC):
     """Opens a bundle's graphs for one runtime (ONNX Runtime, OpenVINO or TensorRT)."""

@@ -130,3 +130,16 @@ class OrtDecoder(DecoderSession):
         count = self.batch * self.kv_heads * self.past_len * self.head_dim
         shape = self._kv_shape(self.past_len)
         return [buf.numpy()[:count].reshape(shape).copy() for buf in self.buffers[self.current]]
+
+    def load_cache(self, cache: list[np.ndarray], capacity: int) -> None:
+        batch, _, past, _ = cache[0].shape
+        self.reset(batch, max(capacity, past))
+        for buf, array in zip(self.buffers[0], cache):
+            flat = np.ascontiguousarray(array, self.kv_dtype).reshape(-1)
+            if self.backend.device == "cpu":
+                buf.numpy()[: flat.size] = flat  # numpy() of a CPU OrtValue is a view of its memory
+            else:  # update_inplace copies to the device, but only a whole buffer
+                whole = np.zeros(buf.shape()[0], self.kv_dtype)
+                whole[: flat.size] = flat
+                buf.update_inplace(whole)
+        self.past_len = past

@@ -188,3 +188,10 @@ class OvDecoder(DecoderSession):
         count = self.batch * self.kv_heads * self.past_len * self.head_dim
         shape = (self.batch, self.kv_heads, self.past_len, self.head_dim)
         return [buf[:count].reshape(shape).copy() for buf in self.buffers[self.current]]
+
+    def load_cache(self, cache: list[np.ndarray], capacity: int) -> None:
+        batch, _, past, _ = cache[0].shape
+        self.reset(batch, max(capacity, past))
+        for buf, array in zip(self.buffers[0], cache):
+            buf[: array.size] = np.asarray(array, self.kv_dtype).reshape(-1)
+        self.past_len = past

@@ -329,6 +329,14 @@ class TrtDecoder(DecoderSession):
         self.io.cuda.synchronize()
         return hosts
 
+    def load_cache(self, cache: list[np.ndarray], capacity: int) -> None:
+        batch, _, past, _ = cache[0].shape
+        self.reset(batch, max(capacity, past))
+        for buffer, array in zip(self.kv[0], cache):  # (b, kv_heads, past, d) is the flat layout's prefix
+            self.io.cuda.to_device(buffer.ptr, np.ascontiguousarray(array, self.kv_dtype))
+        self.io.cuda.synchronize()
+        self.past_len = past
+
     def close(self) -> None:
         self.io.cuda.activate()
         for buffer in (b for pair in self.kv for b in pair):
