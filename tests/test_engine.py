@@ -238,11 +238,11 @@ def test_image_cache_counts_hits_and_misses_and_stays_in_budget():
                                                        "misses": 2, "evictions": 1}
 
 
-def test_tensorrt_load_cache_lays_out_a_new_batch_that_decodes_on():
+def test_tensorrt_load_cache_lays_out_a_new_batch_that_decodes_on(monkeypatch):
     """On the fake GPU (trt_fakes): the engine's relayout of two rows, then one decode step on top of it."""
     from test_tensorrt import expected_cache, step_inputs, toy_decoder
 
-    decoder, cuda = toy_decoder(max_context=16, max_batch=2)
+    decoder, cuda = toy_decoder(monkeypatch, max_context=16, max_batch=2)
     rng = np.random.default_rng(3)
     decoder.reset(batch=1, capacity=8)
     prompt = step_inputs(rng, 1, 0, 5)
