@@ -49,6 +49,11 @@ class BuildConfig:
 
 def build_bundle(model: str, out: Path, config: BuildConfig = BuildConfig(), progress: Progress = stderr_progress) -> Manifest:
     """The one-shot path. Raises VerificationFailed (exit 1) after writing the bundle when it does not verify."""
+    with step(progress, f"building {config.precision} for {config.backend}"):
+        return _build_bundle(model, out, config, progress)
+
+
+def _build_bundle(model: str, out: Path, config: BuildConfig, progress: Progress) -> Manifest:
     if config.backend == "tensorrt":
         from .trt_build import build_target
 
