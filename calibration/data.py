@@ -95,6 +95,10 @@ class CalibrationSet:
         """Each image's tiles as at run time (thumbnails included): [(tiles, 3, 448, 448)]."""
         return [pipe.prepare("", images=[image]).pixel_values for image in self.images]
 
+    def tiles(self, pipe: Pipeline) -> list[np.ndarray]:
+        """Every tile of every image on its own: [(1, 3, 448, 448)]."""
+        return [pixels[i : i + 1] for pixels in self.pixel_values(pipe) for i in range(len(pixels))]
+
     def vision_feeds(self, pipe: Pipeline, tiles_per_feed: int = 1) -> Iterator[dict[str, np.ndarray]]:
         for pixels in self.pixel_values(pipe):
             for start in range(0, len(pixels), tiles_per_feed):

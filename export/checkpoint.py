@@ -262,13 +262,22 @@ def _load_original(path: Path, spec: ModelSpec, image_token_id: int) -> torch.nn
         expected.pop("lm_head.weight", None)
         state.pop("lm_head.weight", None)
     _check_keys(expected, state)
-    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False, assign=True)
+    model.load_state_dict(_to_fp32(state), strict=False, assign=True)
     if spec.text.tie_word_embeddings:
         model.lm_head.weight = model.model.language_model.embed_tokens.weight
     # Built on the meta device to skip random init; the rotary tables are computed buffers, not weights.
     lm = model.model.language_model
     lm.rotary_emb = type(lm.rotary_emb)(lm.config)
     return model
+
+
+def _to_fp32(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Upcast tensor by tensor, dropping each stored tensor as it goes: the checkpoint's bf16 copy and the model's
+    fp32 copy are never both whole in memory (at 1B that is 1.9 GB less at the peak)."""
+    fp32 = {}
+    for key in list(state):
+        fp32[key] = state.pop(key).float()
+    return fp32
 
 
 def _check_keys(expected: dict[str, torch.Size], state: dict[str, torch.Tensor]) -> None:

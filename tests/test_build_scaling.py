@@ -1,0 +1,103 @@
+"""A build that scales: one calibration pass gives ONNX Runtime's own ranges, memory is measured per step, long
+steps report counted progress, and a rebuild says what it reused."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from vl_export.export.build import BuildConfig, build_bundle
+from vl_export.runtime import Pipeline
+
+
+def ranges_of(path):
+    from onnxruntime.quantization.calibrate import load_tensors_data
+
+    return {name: np.asarray(t.range_value, np.float64).ravel() for name, t in load_tensors_data(path).data.items()}
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile"])
+def test_one_pass_ranges_equal_onnxruntimes_graph_by_graph_calibration(bundle_fp32, tmp_path, method):
+    from vl_export.calibration import quantize
+    from vl_export.calibration.data import CalibrationSet
+    from vl_export.calibration.ranges import VisionCalibration, calibrate_vision_and_projector
+
+    pipe = Pipeline.from_bundle(bundle_fp32, lazy=True)
+    data = CalibrationSet.from_paths(None, None)
+    data.images = data.images[:3]  # 7 + 3 + 1 tiles: every tiling shape, a short test
+    ops = ("MatMul", "Gemm", "Conv")
+    # Graph by graph, as the build did before: the projector's features from a second vision pass.
+    quantize.calibrate(bundle_fp32 / "vision_encoder.onnx", lambda: data.vision_feeds(pipe), method, tmp_path / "v0.json", ops)
+    quantize.calibrate(bundle_fp32 / "projector.onnx", lambda: data.projector_feeds(pipe), method, tmp_path / "p0.json", ops)
+    job = VisionCalibration(bundle_fp32 / "vision_encoder.onnx", bundle_fp32 / "projector.onnx",
+                            tmp_path / "v1.json", tmp_path / "p1.json")
+    assert calibrate_vision_and_projector(job, data.tiles(pipe), method, lambda _: None) == []
+    for before, after in (("v0.json", "v1.json"), ("p0.json", "p1.json")):
+        want, got = ranges_of(tmp_path / before), ranges_of(tmp_path / after)
+        assert want.keys() == got.keys() and len(want) >= 4
+        for name in want:
+            np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_one_pass_reuses_a_cached_graph_and_calibrates_only_the_other(bundle_fp32, tmp_path):
+    from vl_export.calibration.data import CalibrationSet
+    from vl_export.calibration.ranges import VisionCalibration, calibrate_vision_and_projector
+
+    pipe = Pipeline.from_bundle(bundle_fp32, lazy=True)
+    data = CalibrationSet.from_paths(None, None)
+    tiles = data.tiles(pipe)[:4]
+    job = VisionCalibration(bundle_fp32 / "vision_encoder.onnx", bundle_fp32 / "projector.onnx",
+                            tmp_path / "v.json", tmp_path / "p.json")
+    calibrate_vision_and_projector(job, tiles, "minmax", lambda _: None)
+    projector_ranges = ranges_of(tmp_path / "p.json")
+    (tmp_path / "p.json").unlink()  # as if the build had crashed between the two graphs
+    stamp = (tmp_path / "v.json").stat().st_mtime_ns
+    assert calibrate_vision_and_projector(job, tiles, "minmax", lambda _: None) == ["vision_encoder"]
+    assert (tmp_path / "v.json").stat().st_mtime_ns == stamp  # not recomputed
+    again = ranges_of(tmp_path / "p.json")
+    assert again.keys() == projector_ranges.keys()
+    for name in again:
+        np.testing.assert_allclose(again[name], projector_ranges[name], rtol=1e-6)
+
+
+def test_peak_window_sees_an_allocation_and_nested_windows_keep_the_outer_peak():
+    from vl_export.memory import PeakWindow, release, reset_peak
+
+    if not reset_peak():
+        pytest.skip("this platform cannot reset the peak RSS counter (/proc/self/clear_refs)")
+    release()
+    size = 300 * 2**20
+    with PeakWindow() as outer:
+        block = np.ones(size // 8)  # touched: resident
+        del block
+        release()
+        with PeakWindow() as inner:
+            small = np.ones(2**20)
+        del small
+    assert outer.peak >= size
+    assert inner.peak < outer.peak - size // 2  # the inner window began after the large block was freed
+
+
+def test_counted_progress_prints_counts_and_an_estimate_when_not_a_terminal(monkeypatch):
+    from vl_export import progress_bar
+
+    lines = []
+    monkeypatch.setattr(progress_bar, "PLAIN_EVERY_S", 0.0)
+    assert list(progress_bar.counted([1, 2, 3], lines.append, "calibrating", "tiles")) == [1, 2, 3]
+    assert [line.split(",")[0] for line in lines] == ["calibrating: 1/3 tiles", "calibrating: 2/3 tiles",
+                                                      "calibrating: 3/3 tiles"]
+    assert "s left" in lines[0] and "s left" not in lines[-1]
+
+
+def test_build_reports_time_and_peak_memory_per_step_and_says_what_it_reused(tiny, tmp_path):
+    lines = []
+    config = BuildConfig(precision="int8", verify=False)
+    build_bundle(str(tiny["original"]), tmp_path / "first", config, progress=lines.append)
+    build_bundle(str(tiny["original"]), tmp_path / "again", config, progress=lines.append)
+    done = [line for line in lines if ": done in " in line]
+    assert done and all(" s, peak RSS " in line and line.endswith(" GiB") for line in done)
+    exported = [line for line in done if line.startswith("exporting ")]
+    assert [line.split(" (")[0] for line in exported[:3]] == ["exporting decoder", "exporting vision_encoder",
+                                                              "exporting projector"]
+    reused = [line for line in lines if "activation ranges reused from the calibration cache" in line]
+    assert [line.split(":")[0] for line in reused][-2:] == ["vision_encoder", "projector"]
