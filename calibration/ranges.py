@@ -16,6 +16,7 @@ that only one full-precision copy of the weights is ever resident.
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,7 +106,7 @@ class VisionCalibration:
     projector_cache: Path
 
 
-def calibrate_vision_and_projector(job: VisionCalibration, tiles: list[np.ndarray], method: str,
+def calibrate_vision_and_projector(job: VisionCalibration, tiles: Collection[np.ndarray], method: str,
                                    progress: Progress) -> list[str]:
     """Ranges for both graphs from one vision pass over `tiles` (each (1, 3, H, W)); returns the roles whose
     ranges were already in the cache (nothing is recomputed for them)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator
 from typing import TypeVar
 
 from .files import Progress, stderr_progress
@@ -13,7 +13,7 @@ T = TypeVar("T")
 PLAIN_EVERY_S = 10.0  # plain lines at most this often (plus the last), so a log stays readable
 
 
-def counted(items: Sequence[T], progress: Progress, what: str, unit: str) -> Iterator[T]:
+def counted(items: Collection[T], progress: Progress, what: str, unit: str) -> Iterator[T]:
     """Yield `items`, showing how many are done and an estimate of the time left."""
     total = len(items)
     if progress is stderr_progress and sys.stderr.isatty():
