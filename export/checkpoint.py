@@ -108,14 +108,44 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     for file in weight_files(path):
         try:
             if file.suffix == ".safetensors":
-                from safetensors.torch import load_file
-
-                part = load_file(file)
+                part = read_safetensors(file)
             else:
                 part = torch.load(file, map_location="cpu", weights_only=True)
         except Exception as exc:
             raise CheckpointError(f"cannot read weights {file.name}: {exc}") from None
         state.update(part)
+    return state
+
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                       "BOOL": torch.bool}
+
+
+def read_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    """A .safetensors file read tensor by tensor with plain reads into tensors of their own.
+
+    Not memory-mapped (as safetensors' load_file is): every tensor of a mapped file keeps the whole mapping, and
+    its pages count in the process's resident memory until the last tensor is gone, so upcasting tensor by tensor
+    would free nothing before the end (measured: 5.6 GiB peak to load the 1B instead of 3.6).
+    """
+    with file.open("rb") as stream:
+        header_len = int.from_bytes(stream.read(8), "little")
+        header = json.loads(stream.read(header_len))
+        start_of_data = 8 + header_len
+        state = {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            begin, end = info["data_offsets"]
+            tensor = torch.empty(info["shape"], dtype=_SAFETENSORS_DTYPES[info["dtype"]])
+            raw = tensor.reshape(-1).view(torch.uint8).numpy()  # the tensor's own bytes
+            if end - begin != raw.nbytes:
+                raise CheckpointError(f"{file.name}: {name} holds {end - begin} bytes, its shape needs {raw.nbytes}")
+            stream.seek(start_of_data + begin)
+            if stream.readinto(memoryview(raw)) != raw.nbytes:
+                raise CheckpointError(f"{file.name} is truncated (in {name})")
+            state[name] = tensor
     return state
 
 
