@@ -95,6 +95,10 @@ class CalibrationSet:
         """Each image's tiles as at run time (thumbnails included): [(tiles, 3, 448, 448)]."""
         return [pipe.prepare("", images=[image]).pixel_values for image in self.images]
 
+    def tiles(self, pipe: Pipeline) -> Tiles:
+        """Every tile of every image on its own, (1, 3, 448, 448) each, made one image at a time as they are read."""
+        return Tiles(self.images, pipe)
+
     def vision_feeds(self, pipe: Pipeline, tiles_per_feed: int = 1) -> Iterator[dict[str, np.ndarray]]:
         for pixels in self.pixel_values(pipe):
             for start in range(0, len(pixels), tiles_per_feed):
@@ -122,3 +126,29 @@ class CalibrationSet:
             for t in entry.inputs[4:]:
                 feed[t.name] = np.zeros((1, spec.num_kv_heads, 0, spec.head_dim), kv_dtype)
             yield feed
+
+
+class Tiles:
+    """The calibration tiles as a sized, lazy sequence: counted up front from the tiling rule alone (for the progress
+    estimate), made one image at a time, so a large calibration set never sits in memory as pixels."""
+
+    def __init__(self, images: list, pipe: Pipeline):
+        from vl_export.runtime.preprocess import closest_grid, target_grids
+
+        self._images, self._pipe = images, pipe
+        t = pipe.tiling
+        grids = target_grids(t.min_tiles, t.max_tiles)
+        self._count = 0
+        for image in images:
+            pil = load_image(image)
+            cols, rows = closest_grid(pil.width, pil.height, grids, t.image_size)
+            self._count += cols * rows + (1 if t.use_thumbnail and cols * rows != 1 else 0)
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        for image in self._images:
+            pixels = self._pipe.prepare("", images=[image]).pixel_values  # (tiles, 3, 448, 448)
+            for i in range(len(pixels)):
+                yield pixels[i : i + 1]

@@ -152,8 +152,14 @@ def fused_dynamic_int8(src: Path, dst: Path) -> None:
 
 def weight_only_int8(src: Path, dst: Path) -> int:
     """Every MatMul whose B is a 2-D float weight gets int8 weights (symmetric, per output column) and a
-    DequantizeLinear in front; activations stay float. Returns the number of weights quantized."""
-    model = onnx.load(str(src))
+    DequantizeLinear in front; activations stay float. Returns the number of weights quantized.
+
+    Weights are read one at a time from the graph's external data (when it has any), so the peak is the int8
+    graph plus one fp32 weight, not the whole fp32 graph.
+    """
+    from onnx.external_data_helper import load_external_data_for_model
+
+    model = onnx.load(str(src), load_external_data=False)
     graph = model.graph
     weights = {t.name: t for t in graph.initializer}
     consumers: dict[str, int] = {}
@@ -167,10 +173,12 @@ def weight_only_int8(src: Path, dst: Path) -> int:
         if tensor is None or len(tensor.dims) != 2 or tensor.data_type != onnx.TensorProto.FLOAT or consumers[name] != 1:
             new_nodes.append(node)
             continue
-        w = numpy_helper.to_array(tensor)  # (K, N): y = x @ w
-        scale = np.maximum(np.abs(w).max(axis=0), 1e-12) / 127.0  # (N,)
-        q = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
-        tensor.CopyFrom(numpy_helper.from_array(q, name + "_int8"))
+        w = numpy_helper.to_array(tensor, base_dir=str(src.parent))  # (K, N): y = x @ w
+        scale = np.maximum(np.maximum(w.max(axis=0), -w.min(axis=0)), 1e-12) / 127.0  # (N,) = max |w| / 127
+        q = w / scale  # then rounded and clipped in place: at most two fp32 copies of one weight at a time
+        np.clip(np.rint(q, out=q), -127, 127, out=q)
+        tensor.CopyFrom(numpy_helper.from_array(q.astype(np.int8), name + "_int8"))
+        del w, q
         graph.initializer.append(numpy_helper.from_array(scale.astype(np.float32), name + "_scale"))
         new_nodes.append(onnx.helper.make_node("DequantizeLinear", [name + "_int8", name + "_scale"], [name + "_dq"],
                                                name=name + "_DequantizeLinear", axis=1))
@@ -179,6 +187,7 @@ def weight_only_int8(src: Path, dst: Path) -> int:
         count += 1
     graph.ClearField("node")
     graph.node.extend(new_nodes)
+    load_external_data_for_model(model, str(src.parent))  # what stayed float (norms, biases) comes in whole
     save(model, dst)
     return count
 

@@ -49,6 +49,11 @@ class BuildConfig:
 
 def build_bundle(model: str, out: Path, config: BuildConfig = BuildConfig(), progress: Progress = stderr_progress) -> Manifest:
     """The one-shot path. Raises VerificationFailed (exit 1) after writing the bundle when it does not verify."""
+    with step(progress, f"building {config.precision} for {config.backend}"):
+        return _build_bundle(model, out, config, progress)
+
+
+def _build_bundle(model: str, out: Path, config: BuildConfig, progress: Progress) -> Manifest:
     if config.backend == "tensorrt":
         from .trt_build import build_target
 
@@ -60,21 +65,22 @@ def build_bundle(model: str, out: Path, config: BuildConfig = BuildConfig(), pro
 
         calibration = CalibrationSet.from_paths(config.calib_images, config.calib_prompts)  # bad data fails first
     ck = load_checkpoint(model, progress)
+    path, sha = ck.path, ck.sha256
     with output_directory(ck, Path(out), config.overwrite) as staging:
         graph_precision = "fp16" if config.precision == "fp16" else "fp32"
-        manifest = write_bundle(ck, staging, graph_precision, progress, embed_precision=config.precision)
+        # Each graph's torch weights go as soon as it is written; verify loads the checkpoint again at the end.
+        manifest = write_bundle(ck, staging, graph_precision, progress, embed_precision=config.precision,
+                                release_weights=True)
+        del ck
         if calibration is not None:
-            path, sha = ck.path, ck.sha256
-            del ck  # calibration runs the fp32 graphs of a large model: give the torch copy's memory back
             manifest = quantize_bundle(staging, manifest, sha, calibration, config, progress)
-            ck = load_checkpoint(str(path), progress) if config.verify else None
         if config.backend == "tensorrt":
             from .trt_build import build_engines
 
             build_engines(staging, config.trt, progress)
             manifest = Manifest.load(staging)
         if config.verify:
-            manifest.verification = quick_verify(staging, ck, config, progress)
+            manifest.verification = quick_verify(staging, load_checkpoint(str(path), progress), config, progress)
             manifest.save(staging)
     progress(f"bundle written to {Path(out).absolute()}")
     if manifest.verification is not None and not manifest.verification["passed"]:
@@ -112,13 +118,17 @@ def quantize_bundle(staging: Path, manifest: Manifest, source_sha: str, data, co
     cache_dir.mkdir(parents=True, exist_ok=True)
     reused = []
 
+    def cache_of(variant: str) -> Path:
+        return cache_dir / f"{source_sha[:16]}-{variant}-{method}-{data_sha[:16]}.json"
+
     def calibrated(role: str, feeds, smooth: bool = False):
         variant = f"{role}-smoothquant" if smooth else role  # a smoothed graph has other activation ranges
-        cache = cache_dir / f"{source_sha[:16]}-{variant}-{method}-{data_sha[:16]}.json"
+        cache = cache_of(variant)
 
         def quantize_w8a8(src: Path, dst: Path, feeds) -> None:
             if quantize.w8a8(src, dst, feeds, method, cache):
                 reused.append(role)
+                progress(f"{role}: activation ranges reused from the calibration cache ({cache.name})")
 
         def make(src: Path, dst: Path) -> None:
             if not smooth:
@@ -139,11 +149,15 @@ def quantize_bundle(staging: Path, manifest: Manifest, source_sha: str, data, co
         return make
 
     fp32 = {role: manifest.graph(role) for role in ROLES}
+    reused += _calibrate_vision_and_projector(staging, fp32, data, pipe, method, cache_of, progress)
+
+    def from_cache(role: str):
+        return lambda src, dst: quantize.w8a8(src, dst, None, method, cache_of(role))
+
     # (role, file, recipe, backends, how); the calibrated steps come first, so the fp32 sessions can go after them.
     calibrated_steps = [
-        ("vision_encoder", "vision_encoder.int8.onnx", f"w8a8-{method}", None,
-         calibrated("vision_encoder", lambda: data.vision_feeds(pipe))),
-        ("projector", "projector.int8.onnx", f"w8a8-{method}", None, calibrated("projector", lambda: data.projector_feeds(pipe))),
+        ("vision_encoder", "vision_encoder.int8.onnx", f"w8a8-{method}", None, from_cache("vision_encoder")),
+        ("projector", "projector.int8.onnx", f"w8a8-{method}", None, from_cache("projector")),
     ]
     other_steps = []
     if config.decoder_recipe == "weight-only":
@@ -159,12 +173,13 @@ def quantize_bundle(staging: Path, manifest: Manifest, source_sha: str, data, co
         other_steps.append(("decoder", "decoder.ort-int8.onnx", "dynamic-int8", ("onnxruntime",), quantize.dynamic_int8))
 
     graphs: list[GraphEntry] = []
-    for i, (role, file, recipe, backends, make) in enumerate(calibrated_steps + other_steps):
+    steps = calibrated_steps + other_steps
+    for i, (role, file, recipe, backends, make) in enumerate(steps):
         if i == len(calibrated_steps):
             pipe = None  # the fp32 sessions' memory goes back before the large ORT-only passes
             gc.collect()
         for_whom = ", ".join(backends) if backends else "any backend"
-        with step(progress, f"quantizing {role} ({recipe}, for {for_whom})"):
+        with step(progress, f"[{i + 1}/{len(steps)}] quantizing {role} ({recipe}, for {for_whom})"):
             make(staging / fp32[role].file, staging / file)
         graphs.append(with_hashes(dataclasses.replace(fp32[role], file=file, precision="int8", recipe=recipe,
                                                      backends=backends), staging))
@@ -184,3 +199,20 @@ def quantize_bundle(staging: Path, manifest: Manifest, source_sha: str, data, co
     }
     manifest.save(staging)
     return manifest
+
+
+def _calibrate_vision_and_projector(staging: Path, fp32: dict[str, GraphEntry], data, pipe, method: str, cache_of,
+                                    progress: Progress) -> list[str]:
+    """Both graphs' activation ranges into the calibration cache, from one vision pass; returns the roles whose
+    ranges the cache already held (a rebuild, or a build resumed after a crash)."""
+    from vl_export.calibration.ranges import VisionCalibration, calibrate_vision_and_projector
+
+    job = VisionCalibration(staging / fp32["vision_encoder"].file, staging / fp32["projector"].file,
+                            cache_of("vision_encoder"), cache_of("projector"))
+    tiles = data.tiles(pipe)
+    with step(progress, f"calibrating vision_encoder and projector ({len(tiles)} tiles, one vision pass)"):
+        reused = calibrate_vision_and_projector(job, tiles, method, progress)
+    for role in reused:
+        cache = job.vision_cache if role == "vision_encoder" else job.projector_cache
+        progress(f"{role}: activation ranges reused from the calibration cache ({cache.name})")
+    return reused

@@ -35,7 +35,7 @@ def library_versions() -> dict[str, str]:
 
 def write_embeddings(model, staging: Path, precision: str) -> dict:
     table = model.model.language_model.embed_tokens.weight.detach().numpy()  # (vocab, hidden)
-    table = table.astype(np.float32 if precision == "fp32" else np.float16)  # fp16 rows for fp16 and int8 bundles
+    table = table.astype(np.float32 if precision == "fp32" else np.float16, copy=False)  # fp16 rows for fp16 and int8 bundles
     np.save(staging / EMBED_FILE, table)
     return {"file": EMBED_FILE, "dtype": str(table.dtype), "shape": list(table.shape)}
 
@@ -66,15 +66,22 @@ def new_manifest(ck: checkpoint.Checkpoint, specials: dict[str, int], graphs: li
     )
 
 
-def export_graphs(ck: checkpoint.Checkpoint, precision: str, staging: Path, progress: Progress) -> list[GraphEntry]:
+# The largest graph first, while nothing else has been released yet, and each graph's torch weights freed once it
+# is written: the vision graph (inline protobuf, serialised whole) is then written with only the vision tower left.
+EXPORT_ORDER = ("decoder", "vision_encoder", "projector")
+
+
+def export_graphs(ck: checkpoint.Checkpoint, precision: str, staging: Path, progress: Progress,
+                  release_weights: bool = False) -> list[GraphEntry]:
+    """The three graphs in `staging`; with `release_weights`, ck.model cannot run afterwards (weights on meta)."""
     from .onnx_export import export_graph
 
-    graphs = []
-    for role in ROLES:
+    graphs = {}
+    for role in EXPORT_ORDER:
         with step(progress, f"exporting {role} ({precision})"):
-            entry = export_graph(role, ck.model, ck.spec, precision, staging)
-            graphs.append(with_hashes(entry, staging))
-    return graphs
+            entry = export_graph(role, ck.model, ck.spec, precision, staging, release_weights=release_weights)
+            graphs[role] = with_hashes(entry, staging)
+    return [graphs[role] for role in ROLES]
 
 
 def with_hashes(entry: GraphEntry, staging: Path) -> GraphEntry:
@@ -101,12 +108,14 @@ def load_checkpoint(model: str, progress: Progress) -> checkpoint.Checkpoint:
 
 
 def write_bundle(ck: checkpoint.Checkpoint, staging: Path, graph_precision: str, progress: Progress,
-                 embed_precision: str | None = None) -> Manifest:
-    """Tokenizer, embedding table, the three graphs and the manifest, into `staging`."""
+                 embed_precision: str | None = None, release_weights: bool = False) -> Manifest:
+    """Tokenizer, embedding table, the three graphs and the manifest, into `staging`.
+
+    `release_weights` frees each graph's torch weights once it is exported (ck.model is spent afterwards)."""
     with step(progress, "writing tokenizer.json and proving it against the checkpoint's tokenizer"):
         specials = write_tokenizer(ck.path, staging)
     embed = write_embeddings(ck.model, staging, embed_precision or graph_precision)
-    graphs = export_graphs(ck, graph_precision, staging, progress)
+    graphs = export_graphs(ck, graph_precision, staging, progress, release_weights)
     manifest = new_manifest(ck, specials, graphs, embed)
     manifest.save(staging)
     return manifest
@@ -121,6 +130,6 @@ def export_bundle(
     check_out(model, Path(out), overwrite)
     ck = load_checkpoint(model, progress)
     with output_directory(ck, Path(out), overwrite) as staging:
-        manifest = write_bundle(ck, staging, precision, progress)
+        manifest = write_bundle(ck, staging, precision, progress, release_weights=True)
     progress(f"bundle written to {Path(out).absolute()}")
     return manifest

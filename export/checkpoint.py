@@ -109,14 +109,44 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     for file in weight_files(path):
         try:
             if file.suffix == ".safetensors":
-                from safetensors.torch import load_file
-
-                part = load_file(file)
+                part = read_safetensors(file)
             else:
                 part = torch.load(file, map_location="cpu", weights_only=True)
         except Exception as exc:
             raise CheckpointError(f"cannot read weights {file.name}: {exc}") from None
         state.update(part)
+    return state
+
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                       "BOOL": torch.bool}
+
+
+def read_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    """A .safetensors file read tensor by tensor with plain reads into tensors of their own.
+
+    Not memory-mapped (as safetensors' load_file is): every tensor of a mapped file keeps the whole mapping, and
+    its pages count in the process's resident memory until the last tensor is gone, so upcasting tensor by tensor
+    would free nothing before the end (measured: 5.6 GiB peak to load the 1B instead of 3.6).
+    """
+    with file.open("rb") as stream:
+        header_len = int.from_bytes(stream.read(8), "little")
+        header = json.loads(stream.read(header_len))
+        start_of_data = 8 + header_len
+        state = {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            begin, end = info["data_offsets"]
+            tensor = torch.empty(info["shape"], dtype=_SAFETENSORS_DTYPES[info["dtype"]])
+            raw = tensor.reshape(-1).view(torch.uint8).numpy()  # the tensor's own bytes
+            if end - begin != raw.nbytes:
+                raise CheckpointError(f"{file.name}: {name} holds {end - begin} bytes, its shape needs {raw.nbytes}")
+            stream.seek(start_of_data + begin)
+            if stream.readinto(memoryview(raw)) != raw.nbytes:
+                raise CheckpointError(f"{file.name} is truncated (in {name})")
+            state[name] = tensor
     return state
 
 
@@ -272,13 +302,22 @@ def _load_original(path: Path, spec: ModelSpec, image_token_id: int) -> torch.nn
         expected.pop("lm_head.weight", None)
         state.pop("lm_head.weight", None)
     _check_keys(expected, state)
-    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False, assign=True)
+    model.load_state_dict(_to_fp32(state), strict=False, assign=True)
     if spec.text.tie_word_embeddings:
         model.lm_head.weight = model.model.language_model.embed_tokens.weight
     # Built on the meta device to skip random init; the rotary tables are computed buffers, not weights.
     lm = model.model.language_model
     lm.rotary_emb = type(lm.rotary_emb)(lm.config)
     return model
+
+
+def _to_fp32(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Upcast tensor by tensor, dropping each stored tensor as it goes: the checkpoint's bf16 copy and the model's
+    fp32 copy are never both whole in memory (at 1B that is 1.9 GB less at the peak)."""
+    fp32 = {}
+    for key in list(state):
+        fp32[key] = state.pop(key).float()
+    return fp32
 
 
 def _check_keys(expected: dict[str, torch.Size], state: dict[str, torch.Tensor]) -> None:

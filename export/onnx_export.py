@@ -93,9 +93,17 @@ def _weight_bytes(module: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
-def export_graph(role: str, model: torch.nn.Module, spec: ModelSpec, precision: str, out_dir: Path) -> GraphEntry:
-    """Export one graph to out_dir/FILES[role]; names, dtypes and axes as `graph_io` says."""
+def export_graph(role: str, model: torch.nn.Module, spec: ModelSpec, precision: str, out_dir: Path,
+                 release_weights: bool = False) -> GraphEntry:
+    """Export one graph to out_dir/FILES[role]; names, dtypes and axes as `graph_io` says.
+
+    The exporter's ONNX IR refers to the torch tensors and is written straight to disk (a graph over
+    EXTERNAL_DATA_BYTES tensor by tensor into its .data file), never copied into a whole protobuf first.
+    `release_weights` frees the torch weights only this graph reads once it is written, before the checker
+    reads the file back.
+    """
     import onnx
+    import onnx_ir as ir
 
     inputs, outputs = graph_io(role, spec, precision)
     wrapper = WRAPPERS[role](model, spec, TORCH_DTYPES[precision]).eval()
@@ -115,29 +123,50 @@ def export_graph(role: str, model: torch.nn.Module, spec: ModelSpec, precision: 
             opset_version=OPSET,
             verbose=False,
         )
-    proto = program.model_proto
-    _name_axes(proto.graph.input, inputs)
-    _name_axes(proto.graph.output, outputs)
-    onnx.helper.set_model_props(proto, {"vl_export.role": role, "vl_export.precision": precision})
+    graph_ir = program.model
+    _name_axes(graph_ir.graph.inputs, inputs)
+    _name_axes(graph_ir.graph.outputs, outputs)
+    graph_ir.metadata_props.update({"vl_export.role": role, "vl_export.precision": precision})
     if external:
-        onnx.save_model(
-            proto, path, save_as_external_data=True, all_tensors_to_one_file=True, location=path.name + ".data"
-        )
+        ir.save(graph_ir, path, external_data=path.name + ".data")
     else:
-        onnx.save_model(proto, path)
-    del program, proto
+        ir.save(graph_ir, path)
+    del program, graph_ir, wrapper
+    if release_weights:
+        release_graph_weights(role, model)
     onnx.checker.check_model(str(path), full_check=True)
     return GraphEntry(role=role, file=path.name, precision=precision, inputs=inputs, outputs=outputs)
 
 
+def graph_modules(role: str, model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The submodules whose weights only `role`'s graph reads (the embedding table is written on its own)."""
+    inner = model.model
+    if role == "vision_encoder":
+        return [inner.vision_tower]
+    if role == "projector":
+        return [inner.multi_modal_projector]
+    lm = inner.language_model
+    return [*lm.layers, lm.norm, model.lm_head]
+
+
+def release_graph_weights(role: str, model: torch.nn.Module) -> None:
+    """Move `role`'s weights to the meta device: their memory goes back; the model can no longer run that part."""
+    for module in graph_modules(role, model):
+        module.to("meta")
+    from vl_export.memory import release
+
+    release()
+
+
 def _name_axes(values, specs: tuple[TensorSpec, ...]) -> None:
     """Give every symbolic axis the manifest's name (the exporter writes e.g. 'seq + past')."""
+    import onnx_ir as ir
+
     by_name = {t.name: t for t in specs}
     for value in values:
-        for dim, want in zip(value.type.tensor_type.shape.dim, by_name[value.name].shape):
-            if isinstance(want, str):
-                dim.ClearField("dim_value")
-                dim.dim_param = want
+        dims = value.shape.dims
+        value.shape = ir.Shape([ir.SymbolicDim(want) if isinstance(want, str) else dim
+                                for dim, want in zip(dims, by_name[value.name].shape)])
 
 
 class _quiet_exporter:

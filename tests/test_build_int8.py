@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from vl_export.cli import main
+from vl_export.errors import VerificationFailed
 from vl_export.export.build import BuildConfig, build_bundle
 from vl_export.manifest import Manifest
 from vl_export.runtime import GenerationConfig, Pipeline
@@ -18,10 +19,16 @@ from vl_export.runtime import GenerationConfig, Pipeline
 INT8_MIN_COSINE = 0.99
 
 
+BUILD_LINES: list[str] = []  # what the fixture's build printed
+
+
 @pytest.fixture(scope="module")
 def bundle_int8(tiny, tmp_path_factory):
     out = tmp_path_factory.mktemp("int8") / "bundle"
-    build_bundle(str(tiny["original"]), out, BuildConfig(precision="int8"), progress=lambda _: None)
+    try:
+        build_bundle(str(tiny["original"]), out, BuildConfig(precision="int8"), progress=BUILD_LINES.append)
+    except VerificationFailed:
+        pass  # the bundle is written with its figures; test_int8_bundle_verifies_and_records_its_numbers fails on them
     return out
 
 
@@ -99,9 +106,21 @@ def test_qdq_nodes_sit_exactly_where_the_recipe_says(bundle_int8, tiny):
     assert ort_vision.count("MultiHeadAttention") == layers and ort_vision.count("Gelu") == layers  # fused for ORT
 
 
-def test_rebuild_on_the_same_data_reuses_the_calibration_cache(tiny, tmp_path):
-    build_bundle(str(tiny["original"]), tmp_path / "again", BuildConfig(precision="int8", verify=False), progress=lambda _: None)
+def test_build_reports_time_and_peak_memory_per_step_largest_graph_first(bundle_int8):
+    done = [line for line in BUILD_LINES if ": done in " in line]
+    assert len(done) >= 10 and all(" s, peak RSS " in line and line.endswith(" GiB") for line in done)
+    exported = [line.split(" (")[0] for line in done if line.startswith("exporting ")]
+    assert exported == ["exporting decoder", "exporting vision_encoder", "exporting projector"]
+    assert any(line.startswith("calibrating: ") and " tiles" in line for line in BUILD_LINES)  # counted progress
+
+
+def test_rebuild_on_the_same_data_reuses_the_calibration_cache(bundle_int8, tiny, tmp_path):
+    lines = []
+    build_bundle(str(tiny["original"]), tmp_path / "again", BuildConfig(precision="int8", verify=False), progress=lines.append)
     assert Manifest.load(tmp_path / "again").calibration["cache_reused_for"] == ["vision_encoder", "projector"]
+    said = [line.split(":")[0] for line in lines if "activation ranges reused from the calibration cache" in line]
+    assert said == ["vision_encoder", "projector"]
+    assert not any(line.startswith("calibrating: ") for line in lines)  # no tile ran again
 
 
 def test_fp16_build_verifies(tiny, tmp_path):

@@ -23,10 +23,15 @@ def stderr_progress(message: str) -> None:
 
 @contextmanager
 def step(progress: Progress, what: str) -> Iterator[None]:
+    """Say what starts, then its time and peak resident memory (what earlier steps freed is returned first)."""
+    from .memory import PeakWindow, gib, release
+
+    release()
     start = time.perf_counter()
     progress(f"{what} ...")
-    yield
-    progress(f"{what}: done in {time.perf_counter() - start:.1f} s")
+    with PeakWindow() as window:
+        yield
+    progress(f"{what}: done in {time.perf_counter() - start:.1f} s, peak RSS {gib(window.peak)}")
 
 
 STAGING_MARK = ".partial-"  # staging directories are named .<out>.partial-<pid>-<random>

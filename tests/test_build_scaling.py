@@ -1,0 +1,112 @@
+"""A build that scales: one calibration pass gives ONNX Runtime's own ranges, memory is measured per step, long
+steps report counted progress, and a rebuild says what it reused."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from vl_export.runtime import Pipeline
+
+
+def ranges_of(path):
+    from onnxruntime.quantization.calibrate import load_tensors_data
+
+    return {name: np.asarray(t.range_value, np.float64).ravel() for name, t in load_tensors_data(path).data.items()}
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile"])
+def test_one_pass_ranges_equal_onnxruntimes_graph_by_graph_calibration(bundle_fp32, tmp_path, method):
+    from vl_export.calibration import quantize
+    from vl_export.calibration.data import CalibrationSet
+    from vl_export.calibration.ranges import VisionCalibration, calibrate_vision_and_projector
+
+    pipe = Pipeline.from_bundle(bundle_fp32, lazy=True)
+    data = CalibrationSet.from_paths(None, None)
+    data.images = data.images[:3]  # 7 + 3 + 1 tiles: every tiling shape, a short test
+    ops = ("MatMul", "Gemm", "Conv")
+    # Graph by graph, as the build did before: the projector's features from a second vision pass.
+    quantize.calibrate(bundle_fp32 / "vision_encoder.onnx", lambda: data.vision_feeds(pipe), method, tmp_path / "v0.json", ops)
+    quantize.calibrate(bundle_fp32 / "projector.onnx", lambda: data.projector_feeds(pipe), method, tmp_path / "p0.json", ops)
+    job = VisionCalibration(bundle_fp32 / "vision_encoder.onnx", bundle_fp32 / "projector.onnx",
+                            tmp_path / "v1.json", tmp_path / "p1.json")
+    tiles = data.tiles(pipe)
+    assert len(tiles) == len(list(tiles)) == 11  # counted from the tiling rule, made lazily
+    assert calibrate_vision_and_projector(job, tiles, method, lambda _: None) == []
+    for before, after in (("v0.json", "v1.json"), ("p0.json", "p1.json")):
+        want, got = ranges_of(tmp_path / before), ranges_of(tmp_path / after)
+        assert want.keys() == got.keys() and len(want) >= 4
+        for name in want:
+            np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_one_pass_reuses_a_cached_graph_and_calibrates_only_the_other(bundle_fp32, tmp_path):
+    from vl_export.calibration.data import CalibrationSet
+    from vl_export.calibration.ranges import VisionCalibration, calibrate_vision_and_projector
+
+    pipe = Pipeline.from_bundle(bundle_fp32, lazy=True)
+    data = CalibrationSet.from_paths(None, None)
+    tiles = list(data.tiles(pipe))[:4]
+    job = VisionCalibration(bundle_fp32 / "vision_encoder.onnx", bundle_fp32 / "projector.onnx",
+                            tmp_path / "v.json", tmp_path / "p.json")
+    calibrate_vision_and_projector(job, tiles, "minmax", lambda _: None)
+    projector_ranges = ranges_of(tmp_path / "p.json")
+    (tmp_path / "p.json").unlink()  # as if the build had crashed between the two graphs
+    stamp = (tmp_path / "v.json").stat().st_mtime_ns
+    assert calibrate_vision_and_projector(job, tiles, "minmax", lambda _: None) == ["vision_encoder"]
+    assert (tmp_path / "v.json").stat().st_mtime_ns == stamp  # not recomputed
+    again = ranges_of(tmp_path / "p.json")
+    assert again.keys() == projector_ranges.keys()
+    for name in again:
+        np.testing.assert_allclose(again[name], projector_ranges[name], rtol=1e-6)
+
+
+def test_peak_window_sees_an_allocation_and_nested_windows_keep_the_outer_peak():
+    from vl_export.memory import PeakWindow, release, reset_peak
+
+    if not reset_peak():
+        pytest.skip("this platform cannot reset the peak RSS counter (/proc/self/clear_refs)")
+    release()
+    size = 300 * 2**20
+    with PeakWindow() as outer:
+        block = np.ones(size // 8)  # touched: resident
+        del block
+        release()
+        with PeakWindow() as inner:
+            small = np.ones(2**20)
+        del small
+    assert outer.peak >= size
+    assert inner.peak < outer.peak - size // 2  # the inner window began after the large block was freed
+
+
+def test_counted_progress_prints_counts_and_an_estimate_when_not_a_terminal(monkeypatch):
+    from vl_export import progress_bar
+
+    lines = []
+    monkeypatch.setattr(progress_bar, "PLAIN_EVERY_S", 0.0)
+    assert list(progress_bar.counted([1, 2, 3], lines.append, "calibrating", "tiles")) == [1, 2, 3]
+    assert [line.split(",")[0] for line in lines] == ["calibrating: 1/3 tiles", "calibrating: 2/3 tiles",
+                                                      "calibrating: 3/3 tiles"]
+    assert "s left" in lines[0] and "s left" not in lines[-1]
+
+
+def test_checkpoint_reads_safetensors_without_a_memory_map_and_refuses_a_truncated_file(tmp_path):
+    """Regression: load_file's memory map kept the whole bf16 checkpoint resident while it was upcast (5.6 GiB peak
+    loading the 1B instead of about 3.6)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from vl_export.errors import CheckpointError
+    from vl_export.export.checkpoint import read_safetensors
+
+    state = {"w": torch.randn(3, 4).to(torch.bfloat16), "b": torch.randn(5), "scalar": torch.tensor(3.0),
+             "empty": torch.zeros(0, 4), "ids": torch.arange(7), "half": torch.randn(2, 2).half()}
+    save_file(state, tmp_path / "m.safetensors")
+    want, got = load_file(tmp_path / "m.safetensors"), read_safetensors(tmp_path / "m.safetensors")
+    assert got.keys() == want.keys()
+    for name in want:
+        assert got[name].dtype == want[name].dtype and torch.equal(got[name], want[name]), name
+    data = (tmp_path / "m.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[:-8])
+    with pytest.raises(CheckpointError, match="truncated"):
+        read_safetensors(tmp_path / "cut.safetensors")
