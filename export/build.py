@@ -15,7 +15,7 @@ from vl_export.manifest import ROLES, GraphEntry, Manifest
 from .bundle import load_checkpoint, write_bundle
 from .trt_profiles import BuildOptions
 
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = ("fp32", "fp16", "int8", "int4")  # int4: decoder weights 4-bit, vision INT8
 BACKENDS = {"ort": "onnxruntime", "onnxruntime": "onnxruntime", "trt": "tensorrt", "tensorrt": "tensorrt"}
 DECODER_RECIPES = ("weight-only", "w8a8", "w8a8-smoothquant")
 
@@ -45,6 +45,10 @@ class BuildConfig:
 
         if self.calib_method not in METHODS:
             raise InputError(f"unknown calibration method {self.calib_method!r} (choose from {', '.join(METHODS)})")
+        if self.precision == "int4":
+            from .decoder_variants import check_int4
+
+            check_int4(self)
 
 
 def build_bundle(model: str, out: Path, config: BuildConfig = BuildConfig(), progress: Progress = stderr_progress) -> Manifest:
@@ -54,7 +58,7 @@ def build_bundle(model: str, out: Path, config: BuildConfig = BuildConfig(), pro
 
         build_target(config.trt.device)  # no TensorRT or no GPU: say so before any work
     calibration = None
-    if config.precision == "int8":
+    if config.precision in ("int8", "int4"):
         from vl_export.calibration.data import CalibrationSet
 
         calibration = CalibrationSet.from_paths(config.calib_images, config.calib_prompts)  # bad data fails first
@@ -63,9 +67,12 @@ def build_bundle(model: str, out: Path, config: BuildConfig = BuildConfig(), pro
         graph_precision = "fp16" if config.precision == "fp16" else "fp32"
         manifest = write_bundle(ck, staging, graph_precision, progress, embed_precision=config.precision)
         if calibration is not None:
+            from .decoder_variants import export_inplace_source
+
+            inplace = export_inplace_source(ck, staging, config.backend, progress)  # the ORT variants' source
             path, sha = ck.path, ck.sha256
             del ck  # calibration runs the fp32 graphs of a large model: give the torch copy's memory back
-            manifest = quantize_bundle(staging, manifest, sha, calibration, config, progress)
+            manifest = quantize_bundle(staging, manifest, sha, calibration, config, progress, inplace)
             ck = load_checkpoint(str(path), progress) if config.verify else None
         if config.backend == "tensorrt":
             from .trt_build import build_engines
@@ -98,8 +105,9 @@ def quick_verify(bundle: Path, ck, config: BuildConfig, progress: Progress) -> d
 
 
 def quantize_bundle(staging: Path, manifest: Manifest, source_sha: str, data, config: BuildConfig,
-                    progress: Progress) -> Manifest:
-    """Replace the fp32 graphs in `staging` by INT8 ones; returns the updated manifest (saved)."""
+                    progress: Progress, inplace: GraphEntry | None = None) -> Manifest:
+    """Replace the fp32 graphs in `staging` by INT8 (INT4) ones; returns the updated manifest (saved). `inplace`:
+    the fp32 in-place-cache decoder that the ONNX Runtime decoder variants are made from, if exported."""
     from vl_export.calibration import quantize
     from vl_export.export.random_model import cache_root
     from vl_export.runtime import Pipeline
@@ -138,6 +146,10 @@ def quantize_bundle(staging: Path, manifest: Manifest, source_sha: str, data, co
         return make
 
     fp32 = {role: manifest.graph(role) for role in ROLES}
+    if inplace is not None:
+        from .decoder_variants import INPLACE
+
+        fp32[INPLACE] = inplace  # a source like the others: its fp32 file goes at the end
     # (role, file, recipe, backends, how); the calibrated steps come first, so the fp32 sessions can go after them.
     calibrated_steps = [
         ("vision_encoder", "vision_encoder.int8.onnx", f"w8a8-{method}", None,
@@ -145,17 +157,25 @@ def quantize_bundle(staging: Path, manifest: Manifest, source_sha: str, data, co
         ("projector", "projector.int8.onnx", f"w8a8-{method}", None, calibrated("projector", lambda: data.projector_feeds(pipe))),
     ]
     other_steps = []
-    if config.decoder_recipe == "weight-only":
+    if config.precision == "int4":
+        from .decoder_variants import int4_steps
+
+        other_steps += int4_steps(inplace)
+    elif config.decoder_recipe == "weight-only":
         other_steps.append(("decoder", "decoder.int8.onnx", "weight-only-int8", None, quantize.weight_only_int8))
     else:
         smooth = config.decoder_recipe == "w8a8-smoothquant"
         calibrated_steps.append(("decoder", "decoder.int8.onnx", f"{config.decoder_recipe}-{method}", None,
                                  calibrated("decoder", lambda: data.decoder_feeds(pipe), smooth)))
     if config.backend == "onnxruntime":
+        from .decoder_variants import INPLACE
+
         # ONNX Runtime's CPU kernels run Q/DQ matmuls slowly; its own dynamic INT8 is the fast form there.
         other_steps.append(("vision_encoder", "vision_encoder.ort-int8.onnx", "fused-dynamic-int8", ("onnxruntime",),
                             quantize.fused_dynamic_int8))
-        other_steps.append(("decoder", "decoder.ort-int8.onnx", "dynamic-int8", ("onnxruntime",), quantize.dynamic_int8))
+        if config.precision == "int8":  # made from the in-place-cache decoder where one was exported
+            other_steps.append((INPLACE if inplace else "decoder", "decoder.ort-int8.onnx", "dynamic-int8",
+                                ("onnxruntime",), quantize.dynamic_int8))
 
     graphs: list[GraphEntry] = []
     for i, (role, file, recipe, backends, make) in enumerate(calibrated_steps + other_steps):
@@ -165,7 +185,8 @@ def quantize_bundle(staging: Path, manifest: Manifest, source_sha: str, data, co
         for_whom = ", ".join(backends) if backends else "any backend"
         with step(progress, f"quantizing {role} ({recipe}, for {for_whom})"):
             make(staging / fp32[role].file, staging / file)
-        graphs.append(dataclasses.replace(fp32[role], file=file, precision="int8", recipe=recipe, backends=backends,
+        precision = "int4" if "int4" in recipe else "int8"
+        graphs.append(dataclasses.replace(fp32[role], file=file, precision=precision, recipe=recipe, backends=backends,
                                           sha256=file_sha256(staging / file)))
     for entry in fp32.values():
         for path in staging.glob(entry.file + "*"):

@@ -215,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("build", help="export + calibrate/quantize (int8) + TensorRT engines (trt) + verify, in one step")
     p.add_argument("--model", required=True, help="checkpoint directory, Hugging Face repo id (from the local cache), or random:<preset>")
     p.add_argument("--out", required=True, help="bundle directory to create")
-    p.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32")
+    p.add_argument("--precision", choices=("fp32", "fp16", "int8", "int4"), default="fp32")
     p.add_argument("--backend", choices=("ort", "onnxruntime", "trt", "tensorrt"), default="ort",
                    help="ort: ONNX graphs (plus ORT-fast INT8 variants); trt: also TensorRT engines for this GPU")
     p.add_argument("--calib-images", default=None, help="directory of calibration images (default: a built-in set)")
