@@ -69,7 +69,10 @@ def test_inplace_batch_with_left_padding_equals_the_concatenating_graph(pipes):
     assert [r.token_ids for r in inplace.batch_chat(questions, pictures, generation)] == want
 
 
-def test_inplace_logits_and_cache_match_step_by_step(pipes):
+def test_inplace_logits_and_cache_match_step_by_step(pipes, monkeypatch):
+    from vl_export.runtime.backends import ort_inplace
+
+    monkeypatch.setattr(ort_inplace, "GROW_POSITIONS", 1)  # the view: 6 positions at the prompt, 12 from step 2 on
     concat, inplace = pipes
     hidden = concat.manifest.model.text.hidden_size
     rng = np.random.default_rng(0)
@@ -87,6 +90,7 @@ def test_inplace_logits_and_cache_match_step_by_step(pipes):
         want, got = a.forward(embeds, current, pos, last), b.forward(embeds, current, pos, last)
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
         assert (got.argmax(-1) == want.argmax(-1)).all()
+    assert b.capacity == 12  # grown once, the kept positions copied into the new layout
     real = np.concatenate([mask, np.ones((2, 3), np.int64)], axis=1).astype(bool)  # (b, past)
     for x, y in zip(a.cache(), b.cache()):
         assert x.shape == y.shape
@@ -111,6 +115,7 @@ def test_rows_of_one_buffer_at_different_lengths_equal_each_row_alone(pipes):
         alone.append(concat.decoder.forward(e[None], np.ones((1, n + 1), np.int64), np.array([[n]]), np.zeros((1, 1), np.int64)))
     d = inplace.decoder
     d.reset(2, 10)
+    d.ensure(10)  # an engine sizes the view before stepping slots with forward_at
     mask = np.zeros((2, d.capacity), np.int64)
     for row, p in enumerate(prompts):  # each slot prefilled on its own row
         n = p.shape[1]

@@ -61,6 +61,10 @@ class OrtBackend(Backend):
         if is_inplace(entry):
             from .ort_inplace import OrtInplaceDecoder
 
+            if self.device != "cpu":
+                raise BackendUnavailableError(f"{entry.file} (the in-place cache decoder) runs on ONNX Runtime's CPU "
+                                              "provider only; it has not been checked on CUDA")
+
             return OrtInplaceDecoder(self._session(bundle / entry.file), entry, self)
         return OrtDecoder(self._session(bundle / entry.file), entry, self)
 
