@@ -26,7 +26,7 @@ from .preprocess import TilingConfig, preprocess
 from .sampling import GenerationConfig
 
 QUESTION = "Describe the image in detail."
-# The short text prompt decode is measured after (67 prompt tokens with the InternVL2.5 template and system message).
+# The short text prompt decode is measured after: 150 tokens with InternVL2.5-1B's template and system message.
 TEXT_QUESTION = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 TEXT_CONTEXT = "text"
 
