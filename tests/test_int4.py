@@ -83,3 +83,13 @@ def test_int4_settings_out_of_range_are_user_errors(decoder_fp32, tmp_path):
     with pytest.raises(InputError, match="lm_head precision"):
         int4.matmul_nbits(src, tmp_path / "x.onnx", lm_head="int2")
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_int4_build_refuses_what_it_does_not_make():
+    from vl_export.export.build import BuildConfig
+
+    with pytest.raises(InputError, match="not built for TensorRT"):
+        BuildConfig(precision="int4", backend="trt")
+    with pytest.raises(InputError, match="weight-only"):
+        BuildConfig(precision="int4", decoder_recipe="w8a8")
+    assert BuildConfig(precision="int4").precision == "int4"
