@@ -110,7 +110,7 @@ def bench_bundle(bundle: Path, tiles: list[int], new_tokens: int, runs: int, bac
         result["decode_context_tokens"][context] = done[0].prompt_tokens
     result["new_tokens"] = new_tokens
     result["model_bytes"] = sum(f.stat().st_size for f in bundle.iterdir() if f.suffix in (".onnx", ".data", ".npy"))
-    result["decoder_weight_bytes"] = graph_bytes(bundle, pipe._graph("decoder")[1].file)
+    result["decoder_weight_bytes"] = graph_bytes(bundle, pipe.manifest.graph("decoder", pipe.backends["decoder"].name).file)
     result["memory_bandwidth_gb_s"] = triad_bandwidth_gb_s(options_threads(backend_options))
     result["peak_rss_mib"] = peak_rss_mib()
     return result
