@@ -15,7 +15,7 @@ from vl_export.manifest import ROLES, GraphEntry, Manifest
 from .bundle import with_hashes, check_out, load_checkpoint, output_directory, write_bundle
 from .trt_profiles import BuildOptions
 
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = ("fp32", "fp16", "int8", "int4")  # int4: decoder weights 4-bit, vision INT8
 BACKENDS = {"ort": "onnxruntime", "onnxruntime": "onnxruntime", "trt": "tensorrt", "tensorrt": "tensorrt"}
 DECODER_RECIPES = ("weight-only", "w8a8", "w8a8-smoothquant")
 
@@ -45,6 +45,10 @@ class BuildConfig:
 
         if self.calib_method not in METHODS:
             raise InputError(f"unknown calibration method {self.calib_method!r} (choose from {', '.join(METHODS)})")
+        if self.precision == "int4":
+            from .decoder_variants import check_int4
+
+            check_int4(self)
 
 
 def build_bundle(model: str, out: Path, config: BuildConfig = BuildConfig(), progress: Progress = stderr_progress) -> Manifest:
@@ -60,7 +64,7 @@ def _build_bundle(model: str, out: Path, config: BuildConfig, progress: Progress
         build_target(config.trt.device)  # no TensorRT or no GPU: say so before any work
     check_out(model, Path(out), config.overwrite)
     calibration = None
-    if config.precision == "int8":
+    if config.precision in ("int8", "int4"):
         from vl_export.calibration.data import CalibrationSet
 
         calibration = CalibrationSet.from_paths(config.calib_images, config.calib_prompts)  # bad data fails first
@@ -68,12 +72,17 @@ def _build_bundle(model: str, out: Path, config: BuildConfig, progress: Progress
     path, sha = ck.path, ck.sha256
     with output_directory(ck, Path(out), config.overwrite) as staging:
         graph_precision = "fp16" if config.precision == "fp16" else "fp32"
+        inplace = None
+        if calibration is not None:  # the ORT variants' source, exported while the decoder's weights are still here
+            from .decoder_variants import export_inplace_source
+
+            inplace = export_inplace_source(ck, staging, config.backend, progress)
         # Each graph's torch weights go as soon as it is written; verify loads the checkpoint again at the end.
         manifest = write_bundle(ck, staging, graph_precision, progress, embed_precision=config.precision,
                                 release_weights=True)
         del ck
         if calibration is not None:
-            manifest = quantize_bundle(staging, manifest, sha, calibration, config, progress)
+            manifest = quantize_bundle(staging, manifest, sha, calibration, config, progress, inplace)
         if config.backend == "tensorrt":
             from .trt_build import build_engines
 
@@ -105,8 +114,9 @@ def quick_verify(bundle: Path, ck, config: BuildConfig, progress: Progress) -> d
 
 
 def quantize_bundle(staging: Path, manifest: Manifest, source_sha: str, data, config: BuildConfig,
-                    progress: Progress) -> Manifest:
-    """Replace the fp32 graphs in `staging` by INT8 ones; returns the updated manifest (saved)."""
+                    progress: Progress, inplace: GraphEntry | None = None) -> Manifest:
+    """Replace the fp32 graphs in `staging` by INT8 (INT4) ones; returns the updated manifest (saved). `inplace`:
+    the fp32 in-place-cache decoder that the ONNX Runtime decoder variants are made from, if exported."""
     from vl_export.calibration import quantize
     from vl_export.export.random_model import cache_root
     from vl_export.runtime import Pipeline
@@ -154,23 +164,35 @@ def quantize_bundle(staging: Path, manifest: Manifest, source_sha: str, data, co
     def from_cache(role: str):
         return lambda src, dst: quantize.w8a8(src, dst, None, method, cache_of(role))
 
+    if inplace is not None:
+        from .decoder_variants import INPLACE
+
+        fp32[INPLACE] = inplace  # a source like the others: its fp32 file goes at the end
     # (role, file, recipe, backends, how); the calibrated steps come first, so the fp32 sessions can go after them.
     calibrated_steps = [
         ("vision_encoder", "vision_encoder.int8.onnx", f"w8a8-{method}", None, from_cache("vision_encoder")),
         ("projector", "projector.int8.onnx", f"w8a8-{method}", None, from_cache("projector")),
     ]
     other_steps = []
-    if config.decoder_recipe == "weight-only":
+    if config.precision == "int4":
+        from .decoder_variants import int4_steps
+
+        other_steps += int4_steps(inplace)
+    elif config.decoder_recipe == "weight-only":
         other_steps.append(("decoder", "decoder.int8.onnx", "weight-only-int8", None, quantize.weight_only_int8))
     else:
         smooth = config.decoder_recipe == "w8a8-smoothquant"
         calibrated_steps.append(("decoder", "decoder.int8.onnx", f"{config.decoder_recipe}-{method}", None,
                                  calibrated("decoder", lambda: data.decoder_feeds(pipe), smooth)))
     if config.backend == "onnxruntime":
+        from .decoder_variants import INPLACE
+
         # ONNX Runtime's CPU kernels run Q/DQ matmuls slowly; its own dynamic INT8 is the fast form there.
         other_steps.append(("vision_encoder", "vision_encoder.ort-int8.onnx", "fused-dynamic-int8", ("onnxruntime",),
                             quantize.fused_dynamic_int8))
-        other_steps.append(("decoder", "decoder.ort-int8.onnx", "dynamic-int8", ("onnxruntime",), quantize.dynamic_int8))
+        if config.precision == "int8":  # made from the in-place-cache decoder where one was exported
+            other_steps.append((INPLACE if inplace else "decoder", "decoder.ort-int8.onnx", "dynamic-int8",
+                                ("onnxruntime",), quantize.dynamic_int8))
 
     graphs: list[GraphEntry] = []
     steps = calibrated_steps + other_steps
@@ -181,7 +203,8 @@ def quantize_bundle(staging: Path, manifest: Manifest, source_sha: str, data, co
         for_whom = ", ".join(backends) if backends else "any backend"
         with step(progress, f"[{i + 1}/{len(steps)}] quantizing {role} ({recipe}, for {for_whom})"):
             make(staging / fp32[role].file, staging / file)
-        graphs.append(with_hashes(dataclasses.replace(fp32[role], file=file, precision="int8", recipe=recipe,
+        precision = "int4" if "int4" in recipe else "int8"
+        graphs.append(with_hashes(dataclasses.replace(fp32[role], file=file, precision=precision, recipe=recipe,
                                                      backends=backends), staging))
     for entry in fp32.values():
         for path in staging.glob(entry.file + "*"):

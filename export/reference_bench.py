@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from vl_export.runtime.bench import QUESTION, image_with_tiles, peak_rss_mib, summary, timed
+from vl_export.runtime.bench import QUESTION, TEXT_CONTEXT, TEXT_QUESTION, image_with_tiles, peak_rss_mib, summary, timed
 from vl_export.runtime.preprocess import TilingConfig
 
 from .reference import Reference
@@ -50,19 +50,25 @@ def bench_reference(model: str, tiles: list[int], new_tokens: int, runs: int, th
         image = image_with_tiles(count, tiling)
         result["ttft_ms"][str(count)] = summary(timed(lambda: first_token(image), runs))
         result["prompt_tokens"][str(count)] = len(ref.prompt_ids(QUESTION, [count]))
-    pixel_values, counts = ref.pixel_values([image_with_tiles(1, tiling)])
-    ids = ref.prompt_ids(QUESTION, counts)
-    speeds = []
-    for i in range(runs + 1):  # the first is the warm-up
-        start = time.perf_counter()
-        ref.generate(ids, pixel_values, 1)
-        first = time.perf_counter() - start
-        start = time.perf_counter()
-        ref.generate(ids, pixel_values, new_tokens, ignore_eos=True)
-        total = time.perf_counter() - start
-        if i:
-            speeds.append((new_tokens - 1) / max(total - first, 1e-9))
-    result["decode_tokens_per_s"] = summary(speeds)
+    result["decode_tokens_per_s"], result["decode_context_tokens"] = {}, {}
+    for context in [TEXT_CONTEXT, *map(str, tiles)]:  # decode after each stated context, as runtime.bench does
+        if context == TEXT_CONTEXT:
+            pixel_values, ids = None, ref.prompt_ids(TEXT_QUESTION, [])
+        else:
+            pixel_values, counts = ref.pixel_values([image_with_tiles(int(context), tiling)])
+            ids = ref.prompt_ids(QUESTION, counts)
+        speeds = []
+        for i in range(runs + 1):  # the first is the warm-up
+            start = time.perf_counter()
+            ref.generate(ids, pixel_values, 1)
+            first = time.perf_counter() - start
+            start = time.perf_counter()
+            ref.generate(ids, pixel_values, new_tokens, ignore_eos=True)
+            total = time.perf_counter() - start
+            if i:
+                speeds.append((new_tokens - 1) / max(total - first, 1e-9))
+        result["decode_tokens_per_s"][context] = summary(speeds)
+        result["decode_context_tokens"][context] = len(ids)
     result["new_tokens"] = new_tokens
     result["model_bytes"] = sum(p.numel() * p.element_size() for p in ref.model.parameters())
     result["peak_rss_mib"] = peak_rss_mib()

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +26,9 @@ from .preprocess import TilingConfig, preprocess
 from .sampling import GenerationConfig
 
 QUESTION = "Describe the image in detail."
+# The short text prompt decode is measured after: 150 tokens with InternVL2.5-1B's template and system message.
+TEXT_QUESTION = "Write a short story about a lighthouse keeper who finds a message in a bottle."
+TEXT_CONTEXT = "text"
 
 
 def summary(samples: list[float]) -> dict[str, float]:
@@ -95,14 +100,53 @@ def bench_bundle(bundle: Path, tiles: list[int], new_tokens: int, runs: int, bac
                 samples.append(r.timings.ttft_ms)
         result["ttft_ms"][str(count)] = summary(samples)
         result["prompt_tokens"][str(count)] = r.timings.prompt_tokens
+    # Decode after each stated context: the short text prompt, then each tile count's image prompt.
     decode = GenerationConfig(max_new_tokens=new_tokens, ignore_eos=True)
-    image = image_with_tiles(1, pipe.tiling)
-    speeds = [pipe.chat(QUESTION, images=image, generation=decode).timings.decode_tokens_per_s for _ in range(runs + 1)][1:]
-    result["decode_tokens_per_s"] = summary(speeds)
+    result["decode_tokens_per_s"], result["decode_context_tokens"] = {}, {}
+    for context in [TEXT_CONTEXT, *map(str, tiles)]:
+        question, images = (TEXT_QUESTION, None) if context == TEXT_CONTEXT else (QUESTION, image_with_tiles(int(context), pipe.tiling))
+        done = [pipe.chat(question, images=images, generation=decode).timings for _ in range(runs + 1)][1:]
+        result["decode_tokens_per_s"][context] = summary([t.decode_tokens_per_s for t in done])
+        result["decode_context_tokens"][context] = done[0].prompt_tokens
     result["new_tokens"] = new_tokens
     result["model_bytes"] = sum(f.stat().st_size for f in bundle.iterdir() if f.suffix in (".onnx", ".data", ".npy"))
+    result["decoder_weight_bytes"] = graph_bytes(bundle, pipe.manifest.graph("decoder", pipe.backends["decoder"].name).file)
+    result["memory_bandwidth_gb_s"] = triad_bandwidth_gb_s(options_threads(backend_options))
     result["peak_rss_mib"] = peak_rss_mib()
     return result
+
+
+def graph_bytes(bundle: Path, file: str) -> int:
+    """Bytes of one graph's file and its external data: what a decode step reads once (weights dominate it)."""
+    return sum(f.stat().st_size for f in bundle.glob(file + "*"))
+
+
+def options_threads(options: dict) -> int:
+    return int(options.get("threads") or os.cpu_count() or 1)
+
+
+def triad_bandwidth_gb_s(threads: int, mib: int = 128, runs: int = 5) -> float:
+    """STREAM's triad, a = b + s*c, over three arrays of `mib` MiB each (far beyond any cache), on `threads`
+    threads (numpy releases the GIL). Each thread works in chunks small enough that the intermediate s*c stays in
+    its cache, so memory sees STREAM's traffic: read b and c, write a. Best of `runs`, in GB/s (1e9 bytes)."""
+    n = mib * 2**20 // 8
+    a, b, c = np.zeros(n), np.ones(n), np.full(n, 2.0)
+    chunk = 32 * 1024  # 256 KiB of float64
+    bounds = np.linspace(0, n, threads + 1).astype(int)
+
+    def work(lo: int, hi: int) -> None:
+        for start in range(lo, hi, chunk):
+            end = min(start + chunk, hi)
+            np.multiply(c[start:end], 3.0, out=a[start:end])
+            np.add(a[start:end], b[start:end], out=a[start:end])
+
+    best = float("inf")
+    with ThreadPoolExecutor(threads) as pool:
+        for _ in range(runs):
+            start = time.perf_counter()
+            list(pool.map(work, bounds[:-1], bounds[1:]))
+            best = min(best, time.perf_counter() - start)
+    return 3 * n * 8 / best / 1e9
 
 
 def parse_options(pairs: list[str]) -> dict:

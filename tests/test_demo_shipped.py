@@ -69,11 +69,11 @@ def test_demo_model_answers_shipped_example(answerer, example):
 
 @pytest.fixture(scope="module")
 def demo_bundles(tmp_path_factory):
-    """fp32 and int8 bundles of the demo model, built by `vl-export build` as a user builds them."""
+    """fp32, int8 and int4 bundles of the demo model, built by `vl-export build` as a user builds them."""
     from vl_export.cli import main
 
     root = tmp_path_factory.mktemp("demo-bundles")
-    for precision in ("fp32", "int8"):
+    for precision in ("fp32", "int8", "int4"):
         assert main(["build", "--model", "demo", "--out", str(root / precision), "--precision", precision]) == 0
     return root
 
@@ -86,6 +86,22 @@ def test_runtime_fp32_gives_pytorch_answers_and_int8_stays_within_two_points(dem
     assert fp32.correct == pytorch.correct
     int8 = evaluate(BundleAnswerer(demo_bundles / "int8"), examples, max_new_tokens=4)
     assert int8.accuracy >= fp32.accuracy - 0.02, f"int8 {int8.accuracy:.1%} vs fp32 {fp32.accuracy:.1%}\n{int8.table()}"
+
+
+def test_int4_bundle_stays_within_two_points_of_fp32_on_both_backends(demo_bundles):
+    """ONNX Runtime runs the MatMulNBits decoder with the in-place cache, OpenVINO the portable blocked Q/DQ one."""
+    examples = data.heldout(PARITY_N, start=TEST_START)
+    fp32 = evaluate(BundleAnswerer(demo_bundles / "fp32"), examples, max_new_tokens=4)
+    manifest = json.loads((demo_bundles / "int4" / "manifest.json").read_text())
+    decoders = {g["file"]: g["precision"] for g in manifest["graphs"] if g["role"] == "decoder"}
+    assert decoders == {"decoder.int4.onnx": "int4", "decoder.ort-int4.onnx": "int4"}
+    from vl_export.runtime import Pipeline
+    from vl_export.runtime.backends.ort_inplace import OrtInplaceDecoder
+
+    assert isinstance(Pipeline.from_bundle(demo_bundles / "int4").decoder, OrtInplaceDecoder)
+    for backend, options in (("onnxruntime", {}), ("openvino", {"precision": "f32"})):
+        int4 = evaluate(BundleAnswerer(demo_bundles / "int4", backend=backend, **options), examples, max_new_tokens=4)
+        assert int4.accuracy >= fp32.accuracy - 0.02, f"{backend}: int4 {int4.accuracy:.1%} vs fp32 {fp32.accuracy:.1%}"
 
 
 def quick_start_commands() -> list[str]:

@@ -68,7 +68,7 @@ def test_verify_threshold_overrides_and_usage_errors(capsys, tiny, bundle_fp32):
     assert code == 2 and "unknown threshold 'speed'" in capsys.readouterr().err
 
 
-def test_bench_reports_every_figure_and_ratios(tiny, bundle_fp32, tmp_path):
+def test_bench_reports_every_figure_and_ratios(capsys, tiny, bundle_fp32, tmp_path):
     out = tmp_path / "bench.json"
     code = main(["bench", "--bundle", str(bundle_fp32), "--reference", str(tiny["original"]), "--tiles", "1,3",
                  "--new-tokens", "8", "--runs", "1", "--threads", "1", "--json", str(out)])
@@ -76,8 +76,12 @@ def test_bench_reports_every_figure_and_ratios(tiny, bundle_fp32, tmp_path):
     report = json.loads(out.read_text())
     assert len(report["ours"]) == 1 and report["ours"][0]["bundle"] == str(bundle_fp32)
     for figures in (report["ours"][0], report["pytorch"]):
-        for key in ("vision_ms_per_tile", "projector_ms_per_tile", "decode_tokens_per_s"):
-            assert figures[key]["median"] > 0 and figures[key]["min"] <= figures[key]["median"] <= figures[key]["max"]
+        for stat in (figures["vision_ms_per_tile"], figures["projector_ms_per_tile"], *figures["decode_tokens_per_s"].values()):
+            assert stat["median"] > 0 and stat["min"] <= stat["median"] <= stat["max"]
+        # decode after each stated context: the short text prompt and each tile count's prompt
+        assert set(figures["decode_tokens_per_s"]) == {"text", "1", "3"}
+        assert figures["decode_context_tokens"]["3"] == figures["prompt_tokens"]["3"]
+        assert figures["decode_context_tokens"]["text"] < figures["prompt_tokens"]["1"]
         assert set(figures["ttft_ms"]) == {"1", "3"} and all(v["median"] > 0 for v in figures["ttft_ms"].values())
         assert figures["peak_rss_mib"] > 0 and figures["model_bytes"] > 0
         assert figures["prompt_tokens"]["3"] == figures["prompt_tokens"]["1"] + 2 * 256  # two more tiles
@@ -86,6 +90,8 @@ def test_bench_reports_every_figure_and_ratios(tiny, bundle_fp32, tmp_path):
     r = report["ratios"][0]
     assert r["vision_speedup"] == pytest.approx(
         report["pytorch"]["vision_ms_per_tile"]["median"] / ours["vision_ms_per_tile"]["median"])
-    assert r["decode_speedup"] == pytest.approx(
-        ours["decode_tokens_per_s"]["median"] / report["pytorch"]["decode_tokens_per_s"]["median"])
+    assert r["decode_speedup_3"] == pytest.approx(
+        ours["decode_tokens_per_s"]["3"]["median"] / report["pytorch"]["decode_tokens_per_s"]["3"]["median"])
+    assert ours["memory_bandwidth_gb_s"] > 0 and ours["decoder_weight_bytes"] > 0
+    assert "weights-read bound" in capsys.readouterr().out
     assert {"ttft_speedup_1_tiles", "ttft_speedup_3_tiles", "peak_rss_ratio", "projector_speedup"} <= set(r)

@@ -39,9 +39,10 @@ def ratios(ours: dict, ref: dict) -> dict:
     out = {
         "vision_speedup": ref["vision_ms_per_tile"]["median"] / ours["vision_ms_per_tile"]["median"],
         "projector_speedup": ref["projector_ms_per_tile"]["median"] / ours["projector_ms_per_tile"]["median"],
-        "decode_speedup": ours["decode_tokens_per_s"]["median"] / ref["decode_tokens_per_s"]["median"],
         "peak_rss_ratio": ours["peak_rss_mib"] / ref["peak_rss_mib"],
     }
+    for context, stat in ours["decode_tokens_per_s"].items():
+        out[f"decode_speedup_{context}"] = stat["median"] / ref["decode_tokens_per_s"][context]["median"]
     for tiles in ours["ttft_ms"]:
         out[f"ttft_speedup_{tiles}_tiles"] = ref["ttft_ms"][tiles]["median"] / ours["ttft_ms"][tiles]["median"]
     return out
@@ -49,7 +50,7 @@ def ratios(ours: dict, ref: dict) -> dict:
 
 def run_bench(bundles: list[Path] | Path, reference: str | None = None, tiles: str = "1,7,13", new_tokens: int = 64,
               runs: int = 3, backends: list[str] | str = "onnxruntime", threads: int | None = None,
-              backend_options: list[str] | None = None) -> dict:
+              backend_options: list[str] | None = None, genai: str | None = None) -> dict:
     """Time each (bundle, backend) and, with `reference`, PyTorch eager, one process each, in this one run."""
     bundles = [bundles] if isinstance(bundles, (str, Path)) else list(bundles)
     backends = [backends] if isinstance(backends, str) else list(backends)
@@ -65,6 +66,11 @@ def run_bench(bundles: list[Path] | Path, reference: str | None = None, tiles: s
     for bundle, backend in zip(bundles, backends):
         side = _run_side("vl_export.runtime.bench", ["--bundle", str(bundle), "--backend", backend, *common, *extra])
         report["ours"].append({"bundle": str(bundle), **side})
+    if genai:  # onnxruntime-genai's decoder, after a prompt as long as our short text prompt
+        prompt = report["ours"][0]["decode_context_tokens"]["text"]
+        args = ["bench", "--model-dir", genai, "--prompt-tokens", str(prompt), "--new-tokens", str(new_tokens),
+                "--runs", str(runs), *(["--threads", str(threads)] if threads else [])]
+        report["genai"] = _run_side("vl_export.export.genai_peer", args)
     if reference:
         report["pytorch"] = _run_side("vl_export.export.reference_bench", ["--model", reference, *common])
         report["ratios"] = [ratios(ours, report["pytorch"]) for ours in report["ours"]]
@@ -78,6 +84,12 @@ def _fmt(stat: dict, unit: str = "") -> str:
 def _name(ours: dict) -> str:
     precision = "/".join(sorted(set(ours["precision"].values())))
     return f"{Path(ours['bundle']).name}: {ours['backend']['backend']} {precision}"
+
+
+def bound_fraction(ours: dict, context: str = "text") -> float:
+    """Decode speed over what reading the decoder's weights once per token at the measured bandwidth allows."""
+    bound_tok_s = ours["memory_bandwidth_gb_s"] * 1e9 / ours["decoder_weight_bytes"]
+    return ours["decode_tokens_per_s"][context]["median"] / bound_tok_s
 
 
 def markdown(report: dict) -> str:
@@ -104,9 +116,24 @@ def markdown(report: dict) -> str:
     for tiles in runs[0]["ttft_ms"]:
         row(f"time to first token, {tiles} tiles ({runs[0]['prompt_tokens'][tiles]} tokens)",
             lambda o, t=tiles: _fmt(o["ttft_ms"][t], " ms"), f"ttft_speedup_{tiles}_tiles")
-    row(f"decode ({runs[0]['new_tokens']} tokens)", lambda o: _fmt(o["decode_tokens_per_s"], " tok/s"), "decode_speedup")
+    for context, tokens in runs[0]["decode_context_tokens"].items():
+        after = "the short text prompt" if context == "text" else f"the {context}-tile prompt"
+        row(f"decode, {runs[0]['new_tokens']} tokens after {after} ({tokens} tokens)",
+            lambda o, c=context: _fmt(o["decode_tokens_per_s"][c], " tok/s"), f"decode_speedup_{context}")
+    row("decode after the short prompt / weights-read bound", lambda o: f"{bound_fraction(o):.0%}", None,
+        lambda o: "")
     row("peak RSS", lambda o: f"{o['peak_rss_mib']:.0f} MiB", "peak_rss_ratio")
     row("model bytes", lambda o: f"{o['model_bytes'] / 2**20:.0f} MiB", None)
+    genai = report.get("genai")
+    if genai:
+        ratio = ", ".join(f"{o['decode_tokens_per_s']['text']['median'] / genai['decode_tokens_per_s']['median']:.2f}×"
+                          for o in runs)
+        rows.append(f"\nonnxruntime-genai {genai['version']} (its INT4 builder), same run, decode after a "
+                    f"{genai['prompt_tokens']}-token prompt: {_fmt(genai['decode_tokens_per_s'], ' tok/s')}, "
+                    f"peak RSS {genai['peak_rss_mib']:.0f} MiB; ours / genai after the short prompt: {ratio}.")
+    bandwidth = ", ".join(f"{o['memory_bandwidth_gb_s']:.1f}" for o in runs)
+    rows.append(f"\nMemory bandwidth (STREAM-like triad, same threads) measured per side: {bandwidth} GB/s; "
+                f"the bound is that bandwidth / the decoder graph's bytes (weights read once per token).")
     m = report["machine"]
     note = " Bold: speed-up over PyTorch (memory: ours / PyTorch)." if ref else ""
     footer = f"\nMedian (min–max) after a warm-up; {m['cpu']}, {m['cores']} cores, {m['date']}.{note}"

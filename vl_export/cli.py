@@ -168,7 +168,7 @@ def _bench(args: argparse.Namespace) -> int:
     from vl_export.bench import markdown, run_bench
 
     report = run_bench([Path(b) for b in args.bundle], args.reference, args.tiles, args.new_tokens, args.runs,
-                       args.backend or ["onnxruntime"], args.threads, args.option)
+                       args.backend or ["onnxruntime"], args.threads, args.option, args.genai)
     print(markdown(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
@@ -270,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("build", help="export + calibrate/quantize (int8) + TensorRT engines (trt) + verify, in one step")
     p.add_argument("--model", required=True, help="checkpoint directory, Hugging Face repo id (from the local cache), or random:<preset>")
     p.add_argument("--out", required=True, help="bundle directory to create")
-    p.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32")
+    p.add_argument("--precision", choices=("fp32", "fp16", "int8", "int4"), default="fp32")
     p.add_argument("--backend", choices=("ort", "onnxruntime", "trt", "tensorrt"), default="ort",
                    help="ort: ONNX graphs (plus ORT-fast INT8 variants); trt: also TensorRT engines for this GPU")
     p.add_argument("--calib-images", default=None, help="directory of calibration images (default: a built-in set)")
@@ -316,6 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=int, default=3, help="timed runs after one warm-up (default 3)")
     p.add_argument("--option", action="append", default=[], help="backend option key=value (repeatable)")
     p.add_argument("--json", default=None, help="also write every number to this JSON file")
+    p.add_argument("--genai", default=None, help="an onnxruntime-genai model folder to time as a decode peer, same run "
+                   "(make one with python -m vl_export.export.genai_peer build --model M --out DIR)")
 
     p = sub.add_parser("chat", help="interactive multi-round chat; /image PATH attaches an image")
     _runtime_arguments(p)

@@ -16,11 +16,11 @@ from .errors import BundleError
 
 SHA256 = re.compile(r"[0-9a-f]{64}")
 ROLES = ("vision_encoder", "projector", "decoder")
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = ("fp32", "fp16", "int8", "int4")
 FLOAT_DTYPES = ("float32", "float16")
 REQUIRED_TOKENS = ("<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>")
 END_OF_TEXT_TOKENS = ("<|endoftext|>", "</s>")  # Qwen2's end of text, InternLM2's: one of them must be named
-SYMBOLIC_AXES = ("tiles", "batch", "seq", "past", "total", "num_logits")
+SYMBOLIC_AXES = ("tiles", "batch", "seq", "past", "total", "num_logits", "capacity")
 # Far beyond any InternVL2.5 (12 tiles of 448, 32k context) yet small enough that nothing downstream hangs or
 # asks the allocator for terabytes: the tiling search is O(max_tiles log max_tiles), the KV cache is per position.
 MAX_TILES = 256
@@ -190,9 +190,14 @@ def tensors(value: Any, field: str) -> dict[str, dict]:
 
 
 def check_kv(inputs: dict, outputs: dict, where: str, text_model: dict) -> None:
-    """The decoder's cache tensors: one key and one value per layer, (batch, kv_heads, past|total, head_dim)."""
+    """The decoder's cache tensors: one key and one value per layer, (batch, kv_heads, past|total, head_dim); a
+    decoder whose cache is updated in place (export/graphs_inplace.py) has (batch, kv_heads, capacity, head_dim)
+    for both, and a `write_positions` input."""
     layers, heads, dim = text_model["num_layers"], text_model["num_kv_heads"], text_model["head_dim"]
-    for prefix, axis, tensors_, field in (("past_key_values", "past", inputs, "inputs"), ("present", "total", outputs, "outputs")):
+    inplace = "write_positions" in inputs
+    past_axis, present_axis = ("capacity", "capacity") if inplace else ("past", "total")
+    for prefix, axis, tensors_, field in (("past_key_values", past_axis, inputs, "inputs"),
+                                          ("present", present_axis, outputs, "outputs")):
         names = [n for n in tensors_ if n.startswith(prefix + ".")]
         if len(names) != 2 * layers:
             raise fail(f"{where}.{field}", f"has {len(names)} {prefix} tensors, the model's {layers} layers need {2 * layers}")

@@ -58,10 +58,24 @@ class OrtBackend(Backend):
         return OrtGraph(self._session(bundle / entry.file))
 
     def open_decoder(self, bundle: Path, entry: GraphEntry) -> DecoderSession:
+        if is_inplace(entry):
+            from .ort_inplace import OrtInplaceDecoder
+
+            if self.device != "cpu":
+                raise BackendUnavailableError(f"{entry.file} (the in-place cache decoder) runs on ONNX Runtime's CPU "
+                                              "provider only; it has not been checked on CUDA")
+
+            return OrtInplaceDecoder(self._session(bundle / entry.file), entry, self)
         return OrtDecoder(self._session(bundle / entry.file), entry, self)
 
     def describe(self) -> dict:
         return {"backend": self.name, "device": self.device, "threads": self.threads, "version": self.ort.__version__}
+
+
+def is_inplace(entry: GraphEntry) -> bool:
+    """An in-place decoder graph (export/graphs_inplace.py) names its cache axis `capacity` instead of past/total."""
+    past = [t for t in entry.inputs if t.name.startswith("past_key_values.")]
+    return bool(past) and past[0].shape[2] == "capacity"
 
 
 class OrtGraph(GraphSession):

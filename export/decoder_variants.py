@@ -1,0 +1,58 @@
+"""Which decoder graphs a quantized build ships beside the portable one, and from what source.
+
+ONNX Runtime's decoder variants (dynamic INT8, INT4 MatMulNBits) are made from the in-place-cache decoder
+(graphs_inplace.py), exported while the torch model is still loaded; the portable decoders (weight-only INT8 or
+blocked INT4 Q/DQ, for OpenVINO and TensorRT) keep today's concatenating graph. The INT4 settings below were
+chosen by measurement (README, "INT4"): block 32 is the most accurate of 32/64/128 at a decode speed within the
+noise of the others, symmetric, accuracy level 4 (int8 compute) is the fastest level here, and lm_head stays
+8-bit because it alone decides the logits.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+from vl_export.errors import InputError
+from vl_export.files import Progress, step
+from vl_export.manifest import GraphEntry
+
+INPLACE = "decoder (in-place cache)"  # the step name of the in-place fp32 source in build.quantize_bundle
+INPLACE_FILE = "decoder.inplace-fp32.onnx"  # staged only during the build
+INT4_BLOCK_SIZE = 32
+INT4_ACCURACY_LEVEL = 4
+INT4_SYMMETRIC = True
+INT4_LM_HEAD = "int8"
+
+
+def check_int4(config) -> None:
+    if config.backend == "tensorrt":
+        raise InputError("--precision int4 is not built for TensorRT: its blocked INT4 Q/DQ decoder was not checked "
+                         "on a GPU here (build --backend ort and use the decoder with OpenVINO or ONNX Runtime)")
+    if config.decoder_recipe != "weight-only":
+        raise InputError(f"--decoder-recipe {config.decoder_recipe} is an INT8 recipe; int4 decoders are weight-only")
+
+
+def export_inplace_source(ck, staging: Path, backend: str, progress: Progress) -> GraphEntry | None:
+    """The fp32 in-place decoder for ONNX Runtime's variants (None when the build is not for ONNX Runtime)."""
+    if backend != "onnxruntime":
+        return None
+    from .graphs_inplace import export_inplace_decoder
+
+    with step(progress, "exporting the decoder with an in-place KV cache (for ONNX Runtime)"):
+        return export_inplace_decoder(ck.model, ck.spec, "fp32", staging / INPLACE_FILE)
+
+
+def int4_steps(inplace: GraphEntry | None) -> list[tuple]:
+    """quantize_bundle steps (source, file, recipe, backends, make) for an INT4 decoder."""
+    from vl_export.calibration import int4
+
+    b = INT4_BLOCK_SIZE
+    steps = [("decoder", "decoder.int4.onnx", f"weight-only-int4-block{b}", None,
+              partial(int4.blocked_qdq, block_size=b, symmetric=INT4_SYMMETRIC))]
+    if inplace is not None:
+        steps.append((INPLACE, "decoder.ort-int4.onnx",
+                      f"matmul-nbits-int4-block{b}-level{INT4_ACCURACY_LEVEL}-lm-head-{INT4_LM_HEAD}", ("onnxruntime",),
+                      partial(int4.matmul_nbits, block_size=b, accuracy_level=INT4_ACCURACY_LEVEL,
+                              symmetric=INT4_SYMMETRIC, lm_head=INT4_LM_HEAD)))
+    return steps

@@ -1,0 +1,96 @@
+"""ONNX Runtime session (CPU) for the in-place decoder graph: one (b, kv_heads, capacity, d) host buffer per KV tensor,
+bound as both `past_key_values.*` and `present.*`, so a step writes only its new positions (ScatterElements skips its
+copy when input and output are the same memory) and nothing is swapped, allocated or copied per step.
+
+Besides the DecoderSession interface (one common past length, as the decode loop uses it), `forward_at` takes
+per-row write positions and a full-capacity mask, so the rows of one buffer can be slots at different lengths.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from vl_export.manifest import GraphEntry
+
+from .base import DecoderSession
+
+
+GROW_POSITIONS = 256  # a view grows by at least this many positions, and at least doubles: amortised copies
+
+
+class OrtInplaceDecoder(DecoderSession):
+    """Attention reads every position of the bound buffer, so the buffer a step sees (the view) is kept near what is
+    used: it starts at the prompt plus GROW_POSITIONS and grows (doubling, the kept positions copied once) up to
+    the capacity `reset` was given, instead of sizing it to prompt + max_new_tokens up front (1,024 new tokens by
+    default: 10x the positions a short answer to a short prompt uses, all read at every step)."""
+
+    def __init__(self, session, entry: GraphEntry, backend):
+        self.session = session
+        self.backend = backend
+        self.past_names = [t.name for t in entry.inputs if t.name.startswith("past_key_values.")]
+        self.present_names = [t.name for t in entry.outputs if t.name.startswith("present.")]
+        kv = entry.input(self.past_names[0])
+        self.kv_heads, self.head_dim = int(kv.shape[1]), int(kv.shape[3])
+        self.kv_dtype = np.dtype(kv.dtype)
+        self.max_capacity = 0
+        self.capacity = 0  # positions in the current view
+        self.flat: list[np.ndarray] = []  # one flat host buffer per KV tensor, past and present at once
+        self.views: list[np.ndarray] = []  # (b, kv_heads, capacity, d) views of the first elements of each flat buffer
+        self.mask = np.zeros((0, 0), np.int64)  # (b, capacity): 1 where a row holds a real written position
+
+    def reset(self, batch: int, capacity: int) -> None:
+        self.batch, self.past_len, self.max_capacity = batch, 0, capacity
+        self.capacity, self.views = 0, []
+        self.mask = np.zeros((batch, 0), np.int64)
+
+    def ensure(self, total: int) -> None:
+        """Make the view hold at least `total` positions (a batching engine calls this before `forward_at`)."""
+        if total <= self.capacity:
+            return
+        if total > self.max_capacity:
+            raise RuntimeError(f"decoder cache holds {self.batch}x{self.max_capacity}, asked for {self.batch}x{total}")
+        new = min(self.max_capacity, max(2 * self.capacity, total + GROW_POSITIONS))
+        kept = [view[:, :, : self.past_len].copy() for view in self.views]  # before the layout changes
+        size = self.batch * self.kv_heads * new * self.head_dim
+        if not self.flat or self.flat[0].size < size:
+            self.flat = [np.empty(size, self.kv_dtype) for _ in self.past_names]
+        self.views = [flat[:size].reshape(self.batch, self.kv_heads, new, self.head_dim) for flat in self.flat]
+        for i, view in enumerate(self.views):
+            # Zeros beyond the kept positions, not stale memory: masked positions still enter the matmuls (times a
+            # zero weight), and uninitialised memory can hold NaN bit patterns, which a zero weight does not cancel.
+            view[:, :, self.past_len :] = 0
+            if kept:
+                view[:, :, : self.past_len] = kept[i]
+        mask = np.zeros((self.batch, new), np.int64)
+        mask[:, : self.capacity] = self.mask
+        self.mask, self.capacity = mask, new
+
+    def forward(self, inputs_embeds, attention_mask, position_ids, logits_positions) -> np.ndarray:
+        b, s = inputs_embeds.shape[:2]
+        total = self.past_len + s
+        if b != self.batch:
+            raise RuntimeError(f"decoder cache holds {self.batch} rows, asked for {b}")
+        self.ensure(total)
+        self.mask[:, :total] = attention_mask
+        write = np.broadcast_to(np.arange(self.past_len, total, dtype=np.int64), (b, s))
+        logits = self.forward_at(inputs_embeds, self.mask, position_ids, logits_positions, write)
+        self.past_len = total
+        return logits
+
+    def forward_at(self, inputs_embeds, mask, position_ids, logits_positions, write_positions) -> np.ndarray:
+        """One step with explicit slots: `mask` (b, capacity) marks every real position after this step's writes,
+        `write_positions` (b, s) where this step's positions go. Returns logits (b, k, vocab)."""
+        binding = self.session.io_binding()
+        for name, array in (("inputs_embeds", inputs_embeds), ("attention_mask", mask), ("position_ids", position_ids),
+                            ("logits_positions", logits_positions), ("write_positions", write_positions)):
+            binding.bind_cpu_input(name, np.ascontiguousarray(array))
+        element = self.kv_dtype.type
+        for past, present, view in zip(self.past_names, self.present_names, self.views):
+            binding.bind_input(past, "cpu", 0, element, list(view.shape), view.ctypes.data)
+            binding.bind_output(present, "cpu", 0, element, list(view.shape), view.ctypes.data)
+        binding.bind_output("logits", "cpu")
+        self.session.run_with_iobinding(binding)
+        return binding.get_outputs()[-1].numpy()  # bound last
+
+    def cache(self) -> list[np.ndarray]:
+        return [view[:, :, : self.past_len].copy() for view in self.views]

@@ -1,0 +1,133 @@
+"""The in-place KV cache decoder (export/graphs_inplace.py, runtime/backends/ort_inplace.py) against today's
+concatenating decoder graph, both fp32 on ONNX Runtime: same greedy tokens, same logits to float rounding, same
+cache, and rows of one buffer at different lengths (engine slots) equal to each row run alone."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vl_export.manifest import Manifest
+from vl_export.runtime import GenerationConfig, Pipeline
+
+NEW_TOKENS = 24
+
+
+def image(width, height, seed):
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def inplace_bundle(tiny, bundle_fp32, tmp_path_factory):
+    """bundle_fp32 plus the in-place decoder as its ONNX Runtime variant (how a quantized build ships it)."""
+    from vl_export.export.bundle import load_checkpoint
+    from vl_export.export.graphs_inplace import export_inplace_decoder
+
+    out = tmp_path_factory.mktemp("inplace") / "bundle"
+    shutil.copytree(bundle_fp32, out)
+    ck = load_checkpoint(str(tiny["original"]), lambda _: None)
+    entry = export_inplace_decoder(ck.model, ck.spec, "fp32", out / "decoder.ort-inplace.onnx")
+    manifest = Manifest.load(out)
+    manifest.graphs.append(dataclasses.replace(entry, backends=("onnxruntime",)))
+    manifest.save(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def pipes(bundle_fp32, inplace_bundle):
+    return Pipeline.from_bundle(bundle_fp32, threads=2), Pipeline.from_bundle(inplace_bundle, threads=2)
+
+
+def test_inplace_decoder_is_chosen_for_the_onnxruntime_variant(pipes):
+    from vl_export.runtime.backends.ort_inplace import OrtInplaceDecoder
+
+    concat, inplace = pipes
+    assert isinstance(inplace.decoder, OrtInplaceDecoder)
+    assert not isinstance(concat.decoder, OrtInplaceDecoder)
+
+
+def test_inplace_greedy_tokens_equal_the_concatenating_graph(pipes):
+    concat, inplace = pipes
+    generation = GenerationConfig(max_new_tokens=NEW_TOKENS, ignore_eos=True)
+    for picture, question in ((image(900, 500, 3), "Describe the image."), (None, "Tell me a story.")):
+        want = concat.chat(question, images=picture, generation=generation).token_ids
+        got = inplace.chat(question, images=picture, generation=generation).token_ids
+        assert got == want and len(got) == NEW_TOKENS
+
+
+def test_inplace_batch_with_left_padding_equals_the_concatenating_graph(pipes):
+    concat, inplace = pipes
+    pictures = [image(1600, 500, 15), image(448, 448, 16)]
+    questions = ["What is shown?", "Describe it in detail please."]
+    generation = GenerationConfig(max_new_tokens=NEW_TOKENS, ignore_eos=True)
+    want = [r.token_ids for r in concat.batch_chat(questions, pictures, generation)]
+    assert [r.token_ids for r in inplace.batch_chat(questions, pictures, generation)] == want
+
+
+def test_inplace_logits_and_cache_match_step_by_step(pipes, monkeypatch):
+    from vl_export.runtime.backends import ort_inplace
+
+    monkeypatch.setattr(ort_inplace, "GROW_POSITIONS", 1)  # the view: 6 positions at the prompt, 12 from step 2 on
+    concat, inplace = pipes
+    hidden = concat.manifest.model.text.hidden_size
+    rng = np.random.default_rng(0)
+    a, b = concat.decoder, inplace.decoder
+    a.reset(2, 12)
+    b.reset(2, 20)  # a larger capacity than needed: the unused tail must not matter
+    mask = np.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]], np.int64)  # row 0 left-padded
+    positions = np.where(mask == 1, mask.cumsum(-1) - 1, 1)
+    for step in range(4):
+        s = mask.shape[1] if step == 0 else 1
+        embeds = rng.standard_normal((2, s, hidden)).astype(np.float32)
+        pos = positions if step == 0 else positions[:, -1:] + step
+        last = np.full((2, 1), s - 1, np.int64)
+        current = mask if step == 0 else np.concatenate([mask, np.ones((2, step), np.int64)], axis=1)
+        want, got = a.forward(embeds, current, pos, last), b.forward(embeds, current, pos, last)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+        assert (got.argmax(-1) == want.argmax(-1)).all()
+    assert b.capacity == 12  # grown once, the kept positions copied into the new layout
+    real = np.concatenate([mask, np.ones((2, 3), np.int64)], axis=1).astype(bool)  # (b, past)
+    for x, y in zip(a.cache(), b.cache()):
+        assert x.shape == y.shape
+        # Padding positions differ past layer 0 and are never attended to: a fully masked query row softmaxes
+        # to uniform over past+s keys in one graph and over the capacity in the other.
+        np.testing.assert_allclose(y.transpose(0, 2, 1, 3)[real], x.transpose(0, 2, 1, 3)[real], rtol=1e-5, atol=1e-5)
+
+
+def test_rows_of_one_buffer_at_different_lengths_equal_each_row_alone(pipes):
+    """Engine slots: row 0 holds a 6-token prompt, row 1 a 3-token one, in one buffer; a decode step for both
+    (per-row write positions) gives each row's logits as if it ran alone."""
+    concat, inplace = pipes
+    hidden = concat.manifest.model.text.hidden_size
+    rng = np.random.default_rng(1)
+    prompts = [rng.standard_normal((1, n, hidden)).astype(np.float32) for n in (6, 3)]
+    nxt = rng.standard_normal((2, 1, hidden)).astype(np.float32)
+    alone = []
+    for p, e in zip(prompts, nxt):
+        concat.decoder.reset(1, 8)
+        n = p.shape[1]
+        concat.decoder.forward(p, np.ones((1, n), np.int64), np.arange(n)[None], np.array([[n - 1]]))
+        alone.append(concat.decoder.forward(e[None], np.ones((1, n + 1), np.int64), np.array([[n]]), np.zeros((1, 1), np.int64)))
+    d = inplace.decoder
+    d.reset(2, 10)
+    d.ensure(10)  # an engine sizes the view before stepping slots with forward_at
+    mask = np.zeros((2, d.capacity), np.int64)
+    for row, p in enumerate(prompts):  # each slot prefilled on its own row
+        n = p.shape[1]
+        mask[row, :n] = 1
+        full = np.zeros((2, n, hidden), np.float32)
+        full[row] = p[0]
+        write = np.broadcast_to(np.arange(n), (2, n)).copy()
+        write[1 - row] = d.capacity - 1  # the other row writes into a masked scratch slot
+        d.forward_at(full, np.where(np.arange(2)[:, None] == row, mask, 0), np.broadcast_to(np.arange(n), (2, n)),
+                     np.full((2, 1), n - 1), write)
+    lengths = np.array([6, 3])
+    mask[np.arange(2), lengths] = 1
+    logits = d.forward_at(nxt, mask, lengths[:, None], np.zeros((2, 1), np.int64), lengths[:, None])
+    for row in range(2):
+        np.testing.assert_allclose(logits[row], alone[row][0], rtol=1e-4, atol=1e-4)
