@@ -172,8 +172,33 @@ def _serve(args: argparse.Namespace) -> int:
     config = ServerConfig(model_id=args.model_name or Path(args.bundle).resolve().name, host=args.host, port=args.port,
                           allow_local_files=args.allow_local_files, max_queue=args.max_queue, timeout_s=args.timeout,
                           limits=limits)
-    run_server([_pipeline(args) for _ in range(args.workers)], config)
+    if args.replicas is None:
+        if args.ray_address or args.max_replicas:
+            raise VlExportError("--ray-address and --max-replicas need --replicas N (serving on Ray Serve)")
+        run_server([_pipeline(args) for _ in range(args.workers)], config)
+        return 0
+    _serve_on_ray(args, config)
     return 0
+
+
+def _serve_on_ray(args: argparse.Namespace, config) -> None:
+    from vl_export.manifest import Manifest
+    from vl_export.runtime.replica import ReplicaSettings
+
+    if args.replicas < 1 or (args.max_replicas is not None and not 1 <= args.min_replicas <= args.max_replicas):
+        raise VlExportError(f"--replicas must be at least 1 and 1 <= --min-replicas <= --max-replicas, got "
+                            f"{args.replicas}, {args.min_replicas}, {args.max_replicas}")
+    bundle = Path(args.bundle).resolve()
+    Manifest.load(bundle)  # a bad bundle is refused here, not by every replica Ray starts and restarts
+    from vl_export.runtime import ray_serve
+
+    replica = ReplicaSettings(str(bundle), args.backend, _backend_options(args), args.workers, args.max_queue)
+    scale = ray_serve.ScaleSettings(replicas=args.replicas, max_replicas=args.max_replicas, min_replicas=args.min_replicas,
+                                    target_ongoing_requests=args.target_ongoing_requests,
+                                    max_ongoing_requests=args.max_ongoing_requests,
+                                    cpus_per_replica=args.cpus_per_replica or float(args.threads or 1),
+                                    gpus_per_replica=args.gpus_per_replica, overloaded_at=args.affinity_overload)
+    ray_serve.run_ray_server(ray_serve.AppSettings(replica, scale, config), args.ray_address)
 
 
 def _runtime_arguments(p: argparse.ArgumentParser) -> None:
@@ -282,6 +307,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-image-bytes", type=int, default=20 * 1024 * 1024)
     p.add_argument("--max-image-pixels", type=int, default=64_000_000)
     p.add_argument("--max-body-bytes", type=int, default=64 * 1024 * 1024)
+    g = p.add_argument_group("Ray Serve (the ray extra): replicas on this machine or a cluster")
+    g.add_argument("--replicas", type=int, default=None,
+                   help="serve from N engine replicas on Ray Serve (each with --workers pipelines of --threads threads); "
+                        "absent: one process")
+    g.add_argument("--ray-address", default=None, help="join this Ray cluster (default: start a local one)")
+    g.add_argument("--max-replicas", type=int, default=None, help="autoscale between --min-replicas and this")
+    g.add_argument("--min-replicas", type=int, default=1)
+    g.add_argument("--target-ongoing-requests", type=float, default=2.0, help="per replica, for the autoscaler")
+    g.add_argument("--max-ongoing-requests", type=int, default=8, help="per replica; more wait at the ingress")
+    g.add_argument("--cpus-per-replica", type=float, default=None, help="CPUs Ray reserves per replica (default --threads)")
+    g.add_argument("--gpus-per-replica", type=float, default=0.0)
+    g.add_argument("--affinity-overload", type=int, default=4,
+                   help="ongoing requests at which a conversation's replica is passed over for the least-loaded one")
     return parser
 
 
