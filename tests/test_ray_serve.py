@@ -149,11 +149,14 @@ def test_bad_requests_get_the_same_errors_as_the_single_process_server(ray_url, 
 
 
 def stream_events(url: str, body: dict, on_first) -> tuple[dict, list[dict], float]:
-    """POST a streamed chat completion; call on_first(headers) at the first chunk; returns (headers, events, seconds)."""
+    """POST a streamed chat completion; call on_first(headers) at the first chunk; returns (headers, events, seconds).
+    An error before the stream started is its one event, with its status."""
     start = time.monotonic()
     events = []
     with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as response:
         headers = {k[len("x-vl-export-"):]: v for k, v in response.headers.items() if k.startswith("x-vl-export-")}
+        if response.status_code != 200:
+            return headers, [{"status": response.status_code, **json.loads(response.read())}], time.monotonic() - start
         for line in response.iter_lines():
             if line.startswith("data: ") and line != "data: [DONE]":
                 events.append(json.loads(line[len("data: "):]))
@@ -163,16 +166,15 @@ def stream_events(url: str, body: dict, on_first) -> tuple[dict, list[dict], flo
 
 
 def test_a_replica_killed_mid_request_fails_its_requests_promptly_and_the_service_recovers(ray_url):
-    health = httpx.get(ray_url + "/health").json()
     before = live_engine_replicas()
     assert len(before) == 2 and engine_running() == 2
-    pids = {replica_id: info["pid"] for replica_id, info in health["replicas"].items()}
     killed: list[str] = []
 
     def kill(headers):
         if not killed:  # the first request to stream kills its own replica, mid-decode
             killed.append(headers["replica"])
-            os.kill(pids[headers["replica"]], signal.SIGKILL)
+            pid = httpx.get(ray_url + "/health").json()["replicas"][headers["replica"]]["pid"]
+            os.kill(pid, signal.SIGKILL)
 
     bodies = [{"model": MODEL, "messages": [user(q, image)], "max_tokens": 2000, "stream": True}
               for q, image in zip(QUESTIONS, IMAGES)]
@@ -181,8 +183,9 @@ def test_a_replica_killed_mid_request_fails_its_requests_promptly_and_the_servic
     assert killed
     for headers, events, seconds in results:
         assert seconds < 30  # nothing hangs
-        if headers["replica"] == killed[0]:
+        if headers["replica"] == killed[0]:  # a 503, or an error event once the stream had started
             error = events[-1]["error"]
+            assert events[-1].get("status", 503) == 503 and set(error) == {"message", "type", "param", "code"}
             assert error["code"] == "replica_unavailable" and "retry" in error["message"]
         else:
             assert events[-1]["choices"][0]["finish_reason"] in ("stop", "length")
