@@ -13,9 +13,8 @@ import random
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 from ray.util.metrics import Counter
 
+from .ray_config import DEFAULT_OVERLOADED_AT
 from .routing import rank_replicas
-
-DEFAULT_OVERLOADED_AT = 4  # ongoing requests on the preferred replica at which the least-loaded one serves instead
 
 
 def request_key(pending_request: PendingRequest | None) -> str | None:

@@ -57,10 +57,11 @@ def ray_processes(session_name: str) -> list[int]:
 @pytest.fixture(scope="module")
 def ray_url(bundle_fp32):
     from vl_export.runtime import ray_serve
+    from vl_export.runtime.ray_config import AppSettings, ScaleSettings
 
-    settings = ray_serve.AppSettings(
+    settings = AppSettings(
         ReplicaSettings(str(bundle_fp32), "onnxruntime", {"threads": 1}, workers=1, max_queue=8),
-        ray_serve.ScaleSettings(replicas=2, cpus_per_replica=1, overloaded_at=8, health_check_period_s=2,
+        ScaleSettings(replicas=2, cpus_per_replica=1, overloaded_at=8, health_check_period_s=2,
                                 graceful_shutdown_timeout_s=5),
         ServerConfig(MODEL, port=free_port(), max_queue=8, timeout_s=60, limits=LONG_LIMITS))
     ray.init(num_cpus=4, include_dashboard=False, configure_logging=False, log_to_driver=False)
@@ -170,25 +171,28 @@ def test_a_replica_killed_mid_request_fails_its_requests_promptly_and_the_servic
     assert len(before) == 2 and engine_running() == 2
     killed: list[str] = []
 
-    def kill(headers):
-        if not killed:  # the first request to stream kills its own replica, mid-decode
-            killed.append(headers["replica"])
-            pid = httpx.get(ray_url + "/health").json()["replicas"][headers["replica"]]["pid"]
-            os.kill(pid, signal.SIGKILL)
+    def kill(headers):  # the long request kills its own replica once it streams
+        killed.append(headers["replica"])
+        os.kill(httpx.get(ray_url + "/health").json()["replicas"][headers["replica"]]["pid"], signal.SIGKILL)
 
+    # The last question's answer runs to 2,000 tokens (about 8 s alone), the others stop after 155 to 600.
     bodies = [{"model": MODEL, "messages": [user(q, image)], "max_tokens": 2000, "stream": True}
               for q, image in zip(QUESTIONS, IMAGES)]
     with ThreadPoolExecutor(4) as pool:
-        results = list(pool.map(lambda body: stream_events(ray_url, body, kill), bodies))
-    assert killed
-    for headers, events, seconds in results:
+        futures = [pool.submit(stream_events, ray_url, body, kill if i == 3 else lambda headers: None)
+                   for i, body in enumerate(bodies)]
+        results = [future.result() for future in futures]
+    assert len(killed) == 1
+    for i, (headers, events, seconds) in enumerate(results):
         assert seconds < 30  # nothing hangs
-        if headers["replica"] == killed[0]:  # a 503, or an error event once the stream had started
-            error = events[-1]["error"]
-            assert events[-1].get("status", 503) == 503 and set(error) == {"message", "type", "param", "code"}
-            assert error["code"] == "replica_unavailable" and "retry" in error["message"]
-        else:
-            assert events[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+        last = events[-1]
+        if i == 3 or "error" in last:  # a 503, or an error event once the stream had started
+            assert headers["replica"] == killed[0]
+            assert last.get("status", 503) == 503 and set(last["error"]) == {"message", "type", "param", "code"}
+            assert last["error"]["code"] == "replica_unavailable" and "retry" in last["error"]["message"]
+        else:  # served by the other replica, or by the killed one before it died
+            assert last["choices"][0]["finish_reason"] == "stop"
+    assert len(results[3][1]) > 2 and "error" in results[3][1][-1]  # it died mid-stream
 
     # New requests go to the live replica while Ray restarts the dead one.
     for q, image in zip(QUESTIONS, IMAGES):
