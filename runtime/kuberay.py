@@ -114,7 +114,10 @@ def write_manifest(manifest: dict, out: Path | None) -> str:
 
 def _yaml(data: dict) -> str:
     """Block style, the Serve config as a literal block (as RayService examples write it), no anchors."""
-    import yaml
+    try:
+        import yaml
+    except ImportError:
+        raise VlExportError("writing manifests needs PyYAML: pip install 'vl-export[ray]'") from None
 
     class Dumper(yaml.SafeDumper):
         def ignore_aliases(self, data):
