@@ -24,7 +24,7 @@ from vl_export.errors import VlExportError
 
 from .openai_schema import OpenAIError
 from .ray_config import APP_NAME, AppSettings, server_config
-from .replica import EngineReplica, EngineRequest, Failure, ReplicaInfo, ReplicaSettings, make_service
+from .replica import FINAL_EVENTS, EngineReplica, EngineRequest, Failure, ReplicaInfo, ReplicaSettings, make_service
 from .routing import AffinityLedger, routing_key
 from .serving import Event, Job, QueueFull
 from .server import ServerConfig, create_app
@@ -75,8 +75,10 @@ class RemoteQueue:
         task.add_done_callback(self._tasks.discard)
 
     def stats(self) -> dict:
-        return {"running": self.in_flight, "queued": 0, "workers": len(self.replicas), **self.counts,
-                "affinity": dict(self.affinity.counts), "replicas": {k: dict(v) for k, v in self.replicas.items()}}
+        """Requests in flight and how they ended, the affinity ledger, and every replica seen (dead ones too: the
+        pid and `reported_at` tell), as this ingress saw them; requests waiting for a replica wait inside Ray."""
+        return {"running": self.in_flight, **self.counts, "affinity": dict(self.affinity.counts),
+                "replicas": {k: dict(v) for k, v in self.replicas.items()}}
 
     def close(self) -> None:
         self._closed = True
@@ -96,7 +98,9 @@ class RemoteQueue:
                 if event.kind == "error":
                     event = Event("error", _error(event.value))
                 job.emit(event)
-                outcome = {"done": "completed", "timeout": "timed_out", "error": "failed"}.get(event.kind, outcome)
+                if event.kind in FINAL_EVENTS:  # before the server, now done, cancels the job (a no-op for it)
+                    outcome = {"done": "completed", "timeout": "timed_out", "error": "failed"}[event.kind]
+                    break
         except RequestCancelledError:
             outcome = "cancelled"
         except (RayActorError, ActorUnavailableError) as exc:
@@ -198,7 +202,7 @@ class Engine:
 
     async def generate(self, request: EngineRequest):
         async for event in self.replica.generate(request):
-            if event.kind in ("done", "error", "timeout"):
+            if event.kind in FINAL_EVENTS:
                 self.finished.inc(tags={"outcome": event.kind})
             yield event
 

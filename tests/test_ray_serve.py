@@ -135,6 +135,7 @@ def test_conversations_answer_as_the_single_process_server_and_come_back_to_thei
         assert second_headers["replica"] == first_headers["replica"] and second_headers["affinity"] == "hit"
     health = httpx.get(ray_url + "/health").json()
     assert health["affinity"]["hit"] >= 4 and health["affinity"]["miss"] == 0
+    assert health["completed"] >= 8 and health["cancelled"] == 0  # a finished request is not counted as cancelled
     assert sum(r["served"] for r in health["replicas"].values()) >= 8
 
 
