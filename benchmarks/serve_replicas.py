@@ -84,10 +84,12 @@ def main() -> None:
                 wall_s = time.perf_counter() - start
                 ttft_ms = [seconds * 1000 for seconds, _ in rounds]
                 print(json.dumps({"layout": layout, "clients": clients, "requests": len(rounds),
+                                  "requests_per_s": round(len(rounds) / wall_s, 2),
                                   "completion_tokens_per_s": round(sum(t for _, t in rounds) / wall_s, 1),
                                   "ttft_p50_ms": round(statistics.median(ttft_ms), 1),
                                   "ttft_p95_ms": round(percentile(ttft_ms, 95), 1), "wall_s": round(wall_s, 2)}),
                       flush=True)
+            ray_serve.serve.delete(ray_serve.APP_NAME)  # frees its CPUs: an in-place update would wait for them
     finally:
         ray_serve.stop(own_cluster=True)
 
