@@ -132,7 +132,7 @@ def create_app(queue, config: ServerConfig):
                                                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
             return responses.JSONResponse(await exchange.complete(first))
         except OpenAIError as error:
-            return error_response(error, {"Retry-After": "1"} if error.status == 429 else None)
+            return error_response(error, {"Retry-After": "1"} if error.status in (429, 503) else None)
         except ClientGone:
             return responses.Response(status_code=499)  # nobody reads it; nginx's code for "client closed"
         except Exception as exc:  # a bug: log its traceback, and still answer in the shape clients parse
@@ -259,6 +259,8 @@ class Exchange:
             raise self._timeout()
         if event.kind == "error":
             error = event.value
+            if isinstance(error, OpenAIError):  # already in its HTTP shape, e.g. a 503 for a lost Ray replica
+                raise error
             if isinstance(error, VlExportError):  # the user's mistake, e.g. a prompt over the context
                 raise OpenAIError(400, str(error))
             raise OpenAIError(500, f"generation failed: {error.__class__.__name__}: {error}", type="server_error")

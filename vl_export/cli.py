@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from . import __version__
 from .errors import InputError, VlExportError
@@ -191,7 +191,69 @@ def _serve(args: argparse.Namespace) -> int:
                           limits=limits, read_timeout_s=args.read_timeout, max_connections=args.max_connections,
                           docs=args.docs, max_batch=args.max_batch, prefill_chunk=args.prefill_chunk,
                           **_cache_budgets(args))
-    run_server([_pipeline(args)], config)
+    if args.replicas is None:
+        if args.ray_address or args.max_replicas:
+            raise VlExportError("--ray-address and --max-replicas need --replicas N (serving on Ray Serve)")
+        run_server([_pipeline(args)], config)
+        return 0
+    _serve_on_ray(args, config)
+    return 0
+
+
+def _serve_on_ray(args: argparse.Namespace, config) -> None:
+    from vl_export.manifest import Manifest
+    from vl_export.runtime.replica import ReplicaSettings
+
+    if args.replicas < 1 or (args.max_replicas is not None and not 1 <= args.min_replicas <= args.max_replicas):
+        raise VlExportError(f"--replicas must be at least 1 and 1 <= --min-replicas <= --max-replicas, got "
+                            f"{args.replicas}, {args.min_replicas}, {args.max_replicas}")
+    bundle = Path(args.bundle).resolve()
+    Manifest.load(bundle)  # a bad bundle is refused here, not by every replica Ray starts and restarts
+    from vl_export.runtime import ray_serve
+    from vl_export.runtime.ray_config import AppSettings, ScaleSettings
+
+    replica = ReplicaSettings(str(bundle), args.backend, _backend_options(args), max_queue=args.max_queue,
+                              max_batch=args.max_batch, prefill_chunk=args.prefill_chunk, **_cache_budgets(args))
+    scale = ScaleSettings(replicas=args.replicas, max_replicas=args.max_replicas, min_replicas=args.min_replicas,
+                          target_ongoing_requests=args.target_ongoing_requests,
+                          max_ongoing_requests=args.max_ongoing_requests,
+                          cpus_per_replica=args.cpus_per_replica or float(args.threads or 1),
+                          gpus_per_replica=args.gpus_per_replica, overloaded_at=args.affinity_overload)
+    ray_serve.run_ray_server(AppSettings(replica, scale, config), args.ray_address)
+
+
+@command("deploy")
+def _deploy(args: argparse.Namespace) -> int:
+    from importlib.metadata import PackageNotFoundError, version
+
+    from vl_export.runtime import kuberay
+    from vl_export.runtime.openai_schema import Limits
+    from vl_export.runtime.ray_config import AppSettings, ScaleSettings
+    from vl_export.runtime.replica import ReplicaSettings
+    from vl_export.runtime.server import ServerConfig
+
+    if args.replicas < 1 or args.cpus <= 0 or args.gpus < 0 or (
+            args.max_replicas is not None and not 1 <= args.min_replicas <= args.max_replicas):
+        raise VlExportError("need --replicas >= 1, --cpus > 0, --gpus >= 0 and 1 <= --min-replicas <= --max-replicas")
+    ray_version = args.ray_version
+    if ray_version is None:
+        try:
+            ray_version = version("ray")
+        except PackageNotFoundError:
+            raise VlExportError("Ray is not installed here: name the image's Ray version with --ray-version") from None
+    bundle = kuberay.bundle_path(args.bundle)
+    threads = args.threads or max(1, int(args.cpus))
+    options = {"threads": threads, **({"device": "cuda"} if args.gpus else {})}
+    settings = AppSettings(
+        ReplicaSettings(bundle, args.backend, options, max_queue=args.max_queue),
+        ScaleSettings(replicas=args.replicas, max_replicas=args.max_replicas, min_replicas=args.min_replicas,
+                      target_ongoing_requests=args.target_ongoing_requests, cpus_per_replica=args.cpus,
+                      gpus_per_replica=args.gpus),
+        ServerConfig(model_id=args.model_name or PurePosixPath(bundle).name, max_queue=args.max_queue, limits=Limits()))
+    cluster = kuberay.ClusterSpec(args.name, args.image, ray_version, memory=args.memory, volume_claim=args.volume_claim)
+    text = kuberay.write_manifest(kuberay.rayservice_manifest(settings, cluster), Path(args.out) if args.out else None)
+    if not args.out:
+        print(text, end="")
     return 0
 
 
@@ -359,6 +421,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=None, help="engine slots (default: the highest concurrency)")
     p.add_argument("--kv-cache-mb", type=float, default=256.0, help="conversation KV cache budget (default 256)")
     p.add_argument("--json", default=None, help="also write every number to this JSON file")
+    g = p.add_argument_group("Ray Serve (the ray extra): replicas on this machine or a cluster")
+    g.add_argument("--replicas", type=int, default=None,
+                   help="serve from N engine replicas on Ray Serve (each one engine of --threads threads); "
+                        "absent: one process")
+    g.add_argument("--ray-address", default=None, help="join this Ray cluster (default: start a local one)")
+    g.add_argument("--max-replicas", type=int, default=None, help="autoscale between --min-replicas and this")
+    g.add_argument("--min-replicas", type=int, default=1)
+    g.add_argument("--target-ongoing-requests", type=float, default=2.0, help="per replica, for the autoscaler")
+    g.add_argument("--max-ongoing-requests", type=int, default=8, help="per replica; more wait at the ingress")
+    g.add_argument("--cpus-per-replica", type=float, default=None, help="CPUs Ray reserves per replica (default --threads)")
+    g.add_argument("--gpus-per-replica", type=float, default=0.0)
+    g.add_argument("--affinity-overload", type=int, default=4,
+                   help="ongoing requests at which a conversation's replica is passed over for the least-loaded one")
+
+    p = sub.add_parser("deploy", help="write a deployment for a cluster: `deploy kuberay` writes a RayService manifest")
+    p.add_argument("target", choices=("kuberay",))
+    p.add_argument("--bundle", required=True, help="the bundle's absolute path inside the pods (image or --volume-claim)")
+    p.add_argument("--image", required=True, help="container image with vl-export[ray] installed")
+    p.add_argument("--replicas", type=int, default=1, help="engine replicas, one worker pod each")
+    p.add_argument("--cpus", type=float, default=1.0, help="CPUs per replica (and per worker pod)")
+    p.add_argument("--gpus", type=float, default=0.0, help="GPUs per replica; set: the replicas run ONNX Runtime on CUDA")
+    p.add_argument("--memory", default="8Gi", help="memory per worker pod (a Kubernetes quantity)")
+    p.add_argument("--threads", type=int, default=None, help="backend threads per replica (default: --cpus)")
+    p.add_argument("--backend", default="onnxruntime")
+    p.add_argument("--max-queue", type=int, default=16, help="requests waiting in each replica beyond the running ones")
+    p.add_argument("--max-replicas", type=int, default=None, help="autoscale between --min-replicas and this")
+    p.add_argument("--min-replicas", type=int, default=1)
+    p.add_argument("--target-ongoing-requests", type=float, default=2.0)
+    p.add_argument("--volume-claim", default=None, help="PersistentVolumeClaim holding the bundle, mounted read-only")
+    p.add_argument("--model-name", default=None, help="model id clients send (default: the bundle directory's name)")
+    p.add_argument("--name", default="vl-export", help="the RayService's name")
+    p.add_argument("--ray-version", default=None, help="Ray version in the image (default: the one installed here)")
+    p.add_argument("--out", default=None, help="write the manifest here (default: stdout)")
     return parser
 
 
