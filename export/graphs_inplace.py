@@ -106,7 +106,7 @@ def export_inplace_decoder(model: torch.nn.Module, spec: ModelSpec, precision: s
     import warnings
 
     import numpy as np
-    import onnx
+    import onnx_ir as ir
 
     from vl_export.manifest import GraphEntry
 
@@ -137,15 +137,15 @@ def export_inplace_decoder(model: torch.nn.Module, spec: ModelSpec, precision: s
                                     output_names=[t.name for t in outputs],
                                     dynamic_shapes=(*per_input[:fixed], tuple(per_input[fixed:])),
                                     dynamo=True, opset_version=18, verbose=False)
-    proto = program.model_proto
-    _name_axes(proto.graph.input, inputs)
-    _name_axes(proto.graph.output, outputs)
-    onnx.helper.set_model_props(proto, {"vl_export.role": "decoder", "vl_export.precision": precision,
-                                        "vl_export.kv_cache": "in-place"})
+    # Written from the exporter's ONNX IR, as export_graph does (no whole-protobuf copy of a large decoder).
+    graph_ir = program.model
+    _name_axes(graph_ir.graph.inputs, inputs)
+    _name_axes(graph_ir.graph.outputs, outputs)
+    graph_ir.metadata_props.update({"vl_export.role": "decoder", "vl_export.precision": precision,
+                                    "vl_export.kv_cache": "in-place"})
     if _weight_bytes(wrapper) > EXTERNAL_DATA_BYTES:
-        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=path.name + ".data")
+        ir.save(graph_ir, path, external_data=path.name + ".data")
     else:
-        onnx.save_model(proto, str(path))
-    del program, proto
+        ir.save(graph_ir, path)
+    del program, graph_ir
     return GraphEntry(role="decoder", file=path.name, precision=precision, inputs=inputs, outputs=outputs)

@@ -25,7 +25,7 @@ def image(width, height, seed):
 @pytest.fixture(scope="module")
 def inplace_bundle(tiny, bundle_fp32, tmp_path_factory):
     """bundle_fp32 plus the in-place decoder as its ONNX Runtime variant (how a quantized build ships it)."""
-    from vl_export.export.bundle import load_checkpoint
+    from vl_export.export.bundle import load_checkpoint, with_hashes
     from vl_export.export.graphs_inplace import export_inplace_decoder
 
     out = tmp_path_factory.mktemp("inplace") / "bundle"
@@ -33,7 +33,7 @@ def inplace_bundle(tiny, bundle_fp32, tmp_path_factory):
     ck = load_checkpoint(str(tiny["original"]), lambda _: None)
     entry = export_inplace_decoder(ck.model, ck.spec, "fp32", out / "decoder.ort-inplace.onnx")
     manifest = Manifest.load(out)
-    manifest.graphs.append(dataclasses.replace(entry, backends=("onnxruntime",)))
+    manifest.graphs.append(with_hashes(dataclasses.replace(entry, backends=("onnxruntime",)), out))  # hashed: checked at load
     manifest.save(out)
     return out
 

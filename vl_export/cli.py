@@ -412,15 +412,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-image-pixels", type=int, default=64_000_000)
     p.add_argument("--max-body-bytes", type=int, default=64 * 1024 * 1024)
 
-    p = sub.add_parser("bench-serve", help="concurrent streaming clients against the serving engine, over loopback")
-    _runtime_arguments(p)
-    p.add_argument("--concurrency", default="1,2,4,8", help="streams per level (default 1,2,4,8)")
-    p.add_argument("--max-tokens", type=int, default=64, help="tokens per stream (default 64)")
-    p.add_argument("--image", default="448x448", help="each client's image size (default 448x448: one tile)")
-    p.add_argument("--conversation-tiles", type=int, default=7, help="tiles of the conversation's image (default 7)")
-    p.add_argument("--max-batch", type=int, default=None, help="engine slots (default: the highest concurrency)")
-    p.add_argument("--kv-cache-mb", type=float, default=256.0, help="conversation KV cache budget (default 256)")
-    p.add_argument("--json", default=None, help="also write every number to this JSON file")
     g = p.add_argument_group("Ray Serve (the ray extra): replicas on this machine or a cluster")
     g.add_argument("--replicas", type=int, default=None,
                    help="serve from N engine replicas on Ray Serve (each one engine of --threads threads); "
@@ -434,6 +425,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--gpus-per-replica", type=float, default=0.0)
     g.add_argument("--affinity-overload", type=int, default=4,
                    help="ongoing requests at which a conversation's replica is passed over for the least-loaded one")
+
+
+    p = sub.add_parser("bench-serve", help="concurrent streaming clients against the serving engine, over loopback")
+    _runtime_arguments(p)
+    p.add_argument("--concurrency", default="1,2,4,8", help="streams per level (default 1,2,4,8)")
+    p.add_argument("--max-tokens", type=int, default=64, help="tokens per stream (default 64)")
+    p.add_argument("--image", default="448x448", help="each client's image size (default 448x448: one tile)")
+    p.add_argument("--conversation-tiles", type=int, default=7, help="tiles of the conversation's image (default 7)")
+    p.add_argument("--max-batch", type=int, default=None, help="engine slots (default: the highest concurrency)")
+    p.add_argument("--kv-cache-mb", type=float, default=256.0, help="conversation KV cache budget (default 256)")
+    p.add_argument("--json", default=None, help="also write every number to this JSON file")
 
     p = sub.add_parser("deploy", help="write a deployment for a cluster: `deploy kuberay` writes a RayService manifest")
     p.add_argument("target", choices=("kuberay",))

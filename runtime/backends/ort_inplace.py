@@ -94,3 +94,13 @@ class OrtInplaceDecoder(DecoderSession):
 
     def cache(self) -> list[np.ndarray]:
         return [view[:, :, : self.past_len].copy() for view in self.views]
+
+    def load_cache(self, cache: list[np.ndarray], capacity: int) -> None:
+        """Replace the cache by host arrays, each (b, kv_heads, past, d) (the batching engine's relayout)."""
+        batch, _, past, _ = cache[0].shape
+        self.reset(batch, max(capacity, past))
+        self.ensure(past)
+        for view, array in zip(self.views, cache):
+            view[:, :, :past] = array
+        self.mask[:, :past] = 1  # forward() overwrites these with the caller's attention mask (padding included)
+        self.past_len = past
