@@ -7,6 +7,7 @@ import onnx
 import pytest
 from PIL import Image
 
+from cpu_features import INT8_NEEDS_VNNI
 from vl_export.cli import main
 from vl_export.errors import VerificationFailed
 from vl_export.export.build import BuildConfig, build_bundle
@@ -17,6 +18,7 @@ from vl_export.runtime import GenerationConfig, Pipeline
 # INT8 vision and projector W8A8 keep cosine >= 0.99; logits >= 0.98 with a weight-only or dynamic INT8 decoder;
 # teacher-forced top-1 >= 0.85; at least the first greedy token identical.
 INT8_MIN_COSINE = 0.99
+
 
 
 BUILD_LINES: list[str] = []  # what the fixture's build printed
@@ -36,6 +38,7 @@ def stage(manifest, name, metric):
     return next(s for s in manifest.verification["stages"] if s["stage"] == name and s["metric"].startswith(metric))
 
 
+@INT8_NEEDS_VNNI
 def test_int8_bundle_verifies_and_records_its_numbers(bundle_int8):
     manifest = Manifest.load(bundle_int8)
     v = manifest.verification
@@ -240,6 +243,7 @@ def test_smoothquant_recovers_what_an_outlier_channel_costs_w8a8(bundle_fp32, de
     assert 1 - smoothed <= 0.5 * (1 - plain), (plain, smoothed)
 
 
+@INT8_NEEDS_VNNI
 def test_w8a8_smoothquant_build_ships_a_smoothed_portable_decoder(tiny, tmp_path):
     """The build's own check runs on ONNX Runtime, which takes the dynamic-INT8 decoder variant; the smoothed Q/DQ
     decoder is for OpenVINO and TensorRT, so it is checked here on OpenVINO (f32 math, int8 where the graph says)."""

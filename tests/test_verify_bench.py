@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -12,6 +13,8 @@ from onnx import numpy_helper
 
 from vl_export.cli import main
 from vl_export.export.verify import THRESHOLDS, verify_bundle
+from vl_export.files import file_sha256
+from vl_export.manifest import Manifest
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +49,12 @@ def perturbed_copy(bundle, tmp_path):
     noise = np.random.default_rng(0).standard_normal(weights.shape).astype(weights.dtype) * weights.std()
     biggest.CopyFrom(numpy_helper.from_array(weights + noise, biggest.name))
     onnx.save(model, str(broken / "projector.onnx"))
+    # Hashed again: a bundle whose files are what its manifest says, yet wrong (a bad export), is verify's to catch;
+    # a file changed behind the manifest's back is refused at load (tests/test_untrusted_bundle.py).
+    manifest = Manifest.load(broken)
+    manifest.graphs = [dataclasses.replace(g, sha256=file_sha256(broken / g.file)) if g.file == "projector.onnx" else g
+                       for g in manifest.graphs]
+    manifest.save(broken)
     return broken
 
 

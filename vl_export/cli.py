@@ -426,7 +426,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--affinity-overload", type=int, default=4,
                    help="ongoing requests at which a conversation's replica is passed over for the least-loaded one")
 
-
     p = sub.add_parser("bench-serve", help="concurrent streaming clients against the serving engine, over loopback")
     _runtime_arguments(p)
     p.add_argument("--concurrency", default="1,2,4,8", help="streams per level (default 1,2,4,8)")
