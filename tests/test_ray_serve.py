@@ -133,9 +133,13 @@ def test_conversations_answer_as_the_single_process_server_and_come_back_to_thei
         assert first_headers["routing-key"] == second_headers["routing-key"] == routing_key(
             "<image>\n" + QUESTIONS[i], [IMAGES[i]], [], None)
         assert second_headers["replica"] == first_headers["replica"] and second_headers["affinity"] == "hit"
+    # The second round, asked again, finds its conversation's KV on the replica it is routed to: everything but
+    # the last answer and the new question is cached (the image's tokens included, which only that replica has).
+    again = client(ray_url).chat.completions.create(model=MODEL, messages=seconds[0], max_tokens=4)
+    assert again.usage.prompt_tokens - again.usage.prompt_tokens_details.cached_tokens <= 48
     health = httpx.get(ray_url + "/health").json()
-    assert health["affinity"]["hit"] >= 4 and health["affinity"]["miss"] == 0
-    assert health["completed"] >= 8 and health["cancelled"] == 0  # a finished request is not counted as cancelled
+    assert health["affinity"]["hit"] >= 5 and health["affinity"]["miss"] == 0
+    assert health["completed"] >= 9 and health["cancelled"] == 0  # a finished request is not counted as cancelled
     assert sum(r["served"] for r in health["replicas"].values()) >= 8
 
 
