@@ -12,13 +12,12 @@ verified against the fp32 thresholds; fp16 and int8 graphs keep TensorRT's defau
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 from vl_export.engines import Profile
 from vl_export.errors import BundleError, VlExportError
+from vl_export.files import write_file_atomically  # noqa: F401  (the build and tests call it from here)
 from vl_export.manifest import GraphEntry
 from vl_export.runtime.backends.cuda_rt import DeviceBuffer
 from vl_export.runtime.backends.trt import engine_profiles, open_contexts
@@ -128,14 +127,3 @@ def read_timing_cache(path: Path | None) -> bytes:
     return path.read_bytes() if path is not None and path.is_file() else b""
 
 
-def write_file_atomically(path: Path, data: bytes) -> None:
-    """Write beside `path` and rename, so a reader (another build sharing the cache) never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as stream:
-            stream.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -8,12 +8,11 @@ One worker pod per engine replica: each pod offers what one replica reserves.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from vl_export.errors import VlExportError
+from vl_export.files import write_file_atomically
 
 from .ray_config import APP_BUILDER, APP_NAME, AppSettings
 
@@ -100,15 +99,7 @@ def write_manifest(manifest: dict, out: Path | None) -> str:
     """YAML to `out` (written whole, then moved into place) or returned for stdout."""
     text = _yaml(manifest)
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.")
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(text)
-            os.replace(tmp, out)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_file_atomically(out, text.encode())
     return text
 
 

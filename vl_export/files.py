@@ -152,3 +152,16 @@ def read_json_with_version(path: Path) -> tuple[dict, object]:
     if not isinstance(data, dict):
         raise BundleError(f"{path} is not a JSON object")
     return data, data.get("schema_version")
+
+
+def write_file_atomically(path: Path, data: bytes) -> None:
+    """Write beside `path` and rename, so a reader (another build sharing a cache, kubectl) never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as stream:
+            stream.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

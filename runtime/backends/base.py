@@ -28,6 +28,14 @@ class DecoderSession(ABC):
 
     past_len: int = 0
     batch: int = 0
+
+    def _kv_layout(self, entry: GraphEntry) -> None:
+        """The cache tensors' names, heads, head size and dtype, as the manifest gives them."""
+        self.past_names = [t.name for t in entry.inputs if t.name.startswith("past_key_values.")]
+        self.present_names = [t.name for t in entry.outputs if t.name.startswith("present.")]
+        kv = entry.input(self.past_names[0])  # (batch, kv_heads, past, head_dim)
+        self.kv_heads, self.head_dim = int(kv.shape[1]), int(kv.shape[3])
+        self.kv_dtype = np.dtype(kv.dtype)
     # What the session can hold, where it is less than the model's context (a TensorRT engine's profiles);
     # None: no limit of its own. generate() clamps max_new_tokens to max_positions or refuses the prompt.
     max_positions: int | None = None  # past + new positions per sequence

@@ -91,11 +91,7 @@ class OrtDecoder(DecoderSession):
     def __init__(self, session, entry: GraphEntry, backend: OrtBackend):
         self.session = session
         self.backend = backend
-        self.past_names = [t.name for t in entry.inputs if t.name.startswith("past_key_values.")]
-        self.present_names = [t.name for t in entry.outputs if t.name.startswith("present.")]
-        kv = entry.input(self.past_names[0])
-        self.kv_heads, self.head_dim = int(kv.shape[1]), int(kv.shape[3])
-        self.kv_dtype = np.dtype(kv.dtype)
+        self._kv_layout(entry)
         self.capacity = 0
         self.buffers: list[list] = [[], []]  # two sets of one flat OrtValue per past/present tensor
         self.current = 0

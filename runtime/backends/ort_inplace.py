@@ -27,11 +27,7 @@ class OrtInplaceDecoder(DecoderSession):
     def __init__(self, session, entry: GraphEntry, backend):
         self.session = session
         self.backend = backend
-        self.past_names = [t.name for t in entry.inputs if t.name.startswith("past_key_values.")]
-        self.present_names = [t.name for t in entry.outputs if t.name.startswith("present.")]
-        kv = entry.input(self.past_names[0])
-        self.kv_heads, self.head_dim = int(kv.shape[1]), int(kv.shape[3])
-        self.kv_dtype = np.dtype(kv.dtype)
+        self._kv_layout(entry)
         self.max_capacity = 0
         self.capacity = 0  # positions in the current view
         self.flat: list[np.ndarray] = []  # one flat host buffer per KV tensor, past and present at once
