@@ -84,11 +84,16 @@ def calibrate(src: Path, feeds: Feeds, method: str, cache: Path, op_types: tuple
 
 
 def w8a8(src: Path, dst: Path, feeds: Feeds, method: str, cache: Path | None,
-         op_types: tuple[str, ...] = ("MatMul", "Gemm", "Conv"), weights_only_matmuls: bool = True) -> bool:
+         op_types: tuple[str, ...] = ("MatMul", "Gemm", "Conv"), weights_only_matmuls: bool = True,
+         seven_bit_weights: bool = False) -> bool:
     """Static W8A8: symmetric int8 activations (calibrated) and symmetric per-channel int8 weights, as Q/DQ.
 
     `weights_only_matmuls` leaves the attention matmuls (both inputs activations) in float: only layers with
     weights are quantized; LayerNorm, Softmax and GELU stay in float because they are not in `op_types`.
+    `seven_bit_weights` (for CPU bundles) keeps the weights within [-64, 64]: ONNX Runtime's and OpenVINO's CPU
+    kernels shift s8 activations to u8 and multiply with VPMADDUBSW on CPUs without int8 dot products, whose int16
+    pair sums saturate with full-range weights (see `dynamic_int8`). GPUs accumulate in int32: TensorRT bundles
+    keep all 8 bits.
     Returns True when the ranges came from `cache` instead of a calibration run.
     """
     import tempfile
@@ -103,7 +108,7 @@ def w8a8(src: Path, dst: Path, feeds: Feeds, method: str, cache: Path | None,
             calibrate(src, feeds, method, ranges, op_types)
         quantize_static(
             str(src), str(dst), None,
-            quant_format=QuantFormat.QDQ, per_channel=True, weight_type=QuantType.QInt8,
+            quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=seven_bit_weights, weight_type=QuantType.QInt8,
             activation_type=QuantType.QInt8, calibrate_method=_ort_method(method), op_types_to_quantize=list(op_types),
             nodes_to_exclude=activation_matmuls(src) if weights_only_matmuls else [],
             use_external_data_format=_big(src), calibration_cache_path=ranges,
@@ -129,11 +134,17 @@ def dynamic_int8(src: Path, dst: Path, op_types: tuple[str, ...] = ("MatMul", "G
     """ONNX Runtime's dynamic INT8: int8 per-channel weights, activations quantized per call (MatMulInteger).
 
     The fast INT8 form on ONNX Runtime's CPU kernels; no calibration. ORT-only in practice.
+
+    The weights use 7 of the 8 bits (reduce_range): on x86 CPUs without int8 dot products (AVX2, AVX-512 without
+    VNNI) ORT multiplies u8 activations by s8 weights with VPMADDUBSW, whose int16 sums of two products saturate
+    when both are large (255 * 127 * 2 > 32767), silently corrupting the result. Seven-bit weights cannot saturate
+    (255 * 64 * 2 < 32768), and cost one bit of weight precision on the CPUs that would not have saturated; a bundle
+    does not know which CPU it will run on. (ORT's quantization guide gives the same advice.)
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     _quiet()
-    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True,
+    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True, reduce_range=True,
                      op_types_to_quantize=list(op_types), use_external_data_format=_big(src),
                      extra_options={"MatMulConstBOnly": True})
 

@@ -128,6 +128,10 @@ def quantize_bundle(staging: Path, manifest: Manifest, source_sha: str, data, co
     cache_dir.mkdir(parents=True, exist_ok=True)
     reused = []
 
+    # CPU bundles get 7-bit Q/DQ weights (no int16 saturation on CPUs without int8 dot products); TensorRT's keep 8.
+    seven_bit = config.backend == "onnxruntime"
+    w8a8_recipe = f"w8a8-{method}" + ("-w7" if seven_bit else "")
+
     def cache_of(variant: str) -> Path:
         return cache_dir / f"{source_sha[:16]}-{variant}-{method}-{data_sha[:16]}.json"
 
@@ -136,7 +140,7 @@ def quantize_bundle(staging: Path, manifest: Manifest, source_sha: str, data, co
         cache = cache_of(variant)
 
         def quantize_w8a8(src: Path, dst: Path, feeds) -> None:
-            if quantize.w8a8(src, dst, feeds, method, cache):
+            if quantize.w8a8(src, dst, feeds, method, cache, seven_bit_weights=seven_bit):
                 reused.append(role)
                 progress(f"{role}: activation ranges reused from the calibration cache ({cache.name})")
 
@@ -162,7 +166,7 @@ def quantize_bundle(staging: Path, manifest: Manifest, source_sha: str, data, co
     reused += _calibrate_vision_and_projector(staging, fp32, data, pipe, method, cache_of, progress)
 
     def from_cache(role: str):
-        return lambda src, dst: quantize.w8a8(src, dst, None, method, cache_of(role))
+        return lambda src, dst: quantize.w8a8(src, dst, None, method, cache_of(role), seven_bit_weights=seven_bit)
 
     if inplace is not None:
         from .decoder_variants import INPLACE
@@ -170,8 +174,8 @@ def quantize_bundle(staging: Path, manifest: Manifest, source_sha: str, data, co
         fp32[INPLACE] = inplace  # a source like the others: its fp32 file goes at the end
     # (role, file, recipe, backends, how); the calibrated steps come first, so the fp32 sessions can go after them.
     calibrated_steps = [
-        ("vision_encoder", "vision_encoder.int8.onnx", f"w8a8-{method}", None, from_cache("vision_encoder")),
-        ("projector", "projector.int8.onnx", f"w8a8-{method}", None, from_cache("projector")),
+        ("vision_encoder", "vision_encoder.int8.onnx", w8a8_recipe, None, from_cache("vision_encoder")),
+        ("projector", "projector.int8.onnx", w8a8_recipe, None, from_cache("projector")),
     ]
     other_steps = []
     if config.precision == "int4":
@@ -182,16 +186,16 @@ def quantize_bundle(staging: Path, manifest: Manifest, source_sha: str, data, co
         other_steps.append(("decoder", "decoder.int8.onnx", "weight-only-int8", None, quantize.weight_only_int8))
     else:
         smooth = config.decoder_recipe == "w8a8-smoothquant"
-        calibrated_steps.append(("decoder", "decoder.int8.onnx", f"{config.decoder_recipe}-{method}", None,
+        calibrated_steps.append(("decoder", "decoder.int8.onnx", f"{config.decoder_recipe}-{method}" + ("-w7" if seven_bit else ""), None,
                                  calibrated("decoder", lambda: data.decoder_feeds(pipe), smooth)))
     if config.backend == "onnxruntime":
         from .decoder_variants import INPLACE
 
         # ONNX Runtime's CPU kernels run Q/DQ matmuls slowly; its own dynamic INT8 is the fast form there.
-        other_steps.append(("vision_encoder", "vision_encoder.ort-int8.onnx", "fused-dynamic-int8", ("onnxruntime",),
+        other_steps.append(("vision_encoder", "vision_encoder.ort-int8.onnx", "fused-dynamic-int8-w7", ("onnxruntime",),
                             quantize.fused_dynamic_int8))
         if config.precision == "int8":  # made from the in-place-cache decoder where one was exported
-            other_steps.append((INPLACE if inplace else "decoder", "decoder.ort-int8.onnx", "dynamic-int8",
+            other_steps.append((INPLACE if inplace else "decoder", "decoder.ort-int8.onnx", "dynamic-int8-w7",
                                 ("onnxruntime",), quantize.dynamic_int8))
 
     graphs: list[GraphEntry] = []

@@ -7,7 +7,6 @@ import onnx
 import pytest
 from PIL import Image
 
-from cpu_features import INT8_NEEDS_VNNI
 from vl_export.cli import main
 from vl_export.errors import VerificationFailed
 from vl_export.export.build import BuildConfig, build_bundle
@@ -38,7 +37,6 @@ def stage(manifest, name, metric):
     return next(s for s in manifest.verification["stages"] if s["stage"] == name and s["metric"].startswith(metric))
 
 
-@INT8_NEEDS_VNNI
 def test_int8_bundle_verifies_and_records_its_numbers(bundle_int8):
     manifest = Manifest.load(bundle_int8)
     v = manifest.verification
@@ -51,9 +49,9 @@ def test_int8_bundle_verifies_and_records_its_numbers(bundle_int8):
     c = manifest.calibration
     assert c["method"] == "minmax" and c["decoder_recipe"] == "weight-only" and len(c["data_sha256"]) == 64
     assert {(g.role, g.recipe, g.backends) for g in manifest.graphs} == {
-        ("vision_encoder", "w8a8-minmax", None), ("projector", "w8a8-minmax", None),
-        ("decoder", "weight-only-int8", None), ("vision_encoder", "fused-dynamic-int8", ("onnxruntime",)),
-        ("decoder", "dynamic-int8", ("onnxruntime",)),
+        ("vision_encoder", "w8a8-minmax-w7", None), ("projector", "w8a8-minmax-w7", None),
+        ("decoder", "weight-only-int8", None), ("vision_encoder", "fused-dynamic-int8-w7", ("onnxruntime",)),
+        ("decoder", "dynamic-int8-w7", ("onnxruntime",)),
     }
     assert not (bundle_int8 / "vision_encoder.onnx").exists()  # the fp32 graphs are not shipped
 
@@ -245,7 +243,6 @@ def test_smoothquant_recovers_what_an_outlier_channel_costs_w8a8(bundle_fp32, de
     assert 1 - smoothed <= 0.5 * (1 - plain), (plain, smoothed)
 
 
-@INT8_NEEDS_VNNI
 def test_w8a8_smoothquant_build_ships_a_smoothed_portable_decoder(tiny, tmp_path):
     """The build's own check runs on ONNX Runtime, which takes the dynamic-INT8 decoder variant; the smoothed Q/DQ
     decoder is for OpenVINO and TensorRT, so it is checked here on OpenVINO (f32 math, int8 where the graph says)."""
@@ -254,7 +251,7 @@ def test_w8a8_smoothquant_build_ships_a_smoothed_portable_decoder(tiny, tmp_path
     out = tmp_path / "b"
     config = BuildConfig(precision="int8", decoder_recipe="w8a8-smoothquant", verify=False)
     manifest = build_bundle(str(tiny["original"]), out, config, progress=lambda _: None)
-    assert manifest.graph("decoder", "openvino").recipe == "w8a8-smoothquant-minmax"
+    assert manifest.graph("decoder", "openvino").recipe == "w8a8-smoothquant-minmax-w7"
     assert manifest.calibration["decoder_recipe"] == "w8a8-smoothquant"
     assert not list(out.glob("*.smoothed.onnx*"))
     report = verify_bundle(out, str(tiny["original"]), backend="openvino", progress=lambda _: None, precision="f32")

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 import reference_impl as ref
-from cpu_features import INT8_NEEDS_VNNI, openvino_has_bf16
+from cpu_features import openvino_has_bf16
 from vl_export.errors import BackendUnavailableError
 from vl_export.runtime import GenerationConfig, Pipeline
 
@@ -164,7 +164,6 @@ def bundle_int8(tiny, tmp_path_factory):
     return out
 
 
-@INT8_NEEDS_VNNI
 def test_int8_bundle_verifies_on_openvino(tiny, bundle_int8):
     from vl_export.export.verify import default_images, verify_bundle
 
