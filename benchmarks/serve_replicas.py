@@ -1,6 +1,8 @@
 """Aggregate throughput of the Ray Serve application: 1 replica x 2 threads vs 2 replicas x 1 thread, at 4 and 8
 concurrent clients, in one run on one local Ray cluster. Each client holds its own conversation about its own
-image (so the cache-affine router spreads them by key), streams every answer, and sends `--rounds` rounds.
+image (so the cache-affine router spreads them by key), streams every answer, and sends `--rounds` rounds (each
+later round carries a fixed plain-text answer as history: the random-weight models' own answers do not survive
+detokenize -> tokenize).
 
     python benchmarks/serve_replicas.py --bundle BUNDLE [--clients 4,8] [--rounds 3] [--max-tokens 32]
 
@@ -19,6 +21,7 @@ from pathlib import Path
 
 import openai
 
+from vl_export.runtime.bench_serve import PLAIN_ANSWER
 from vl_export.runtime.openai_schema import Limits
 from vl_export.runtime.ray_config import AppSettings, ScaleSettings
 from vl_export.runtime.replica import ReplicaSettings
@@ -47,7 +50,9 @@ def conversation(url: str, model: str, image: bytes, rounds: int, max_tokens: in
             if chunk.usage:
                 tokens = chunk.usage.completion_tokens
         out.append((first if first is not None else time.perf_counter() - start, tokens))
-        messages += [{"role": "assistant", "content": text}, {"role": "user", "content": f"And then? ({i})"}]
+        # The random-weight benchmark models answer in placeholder tokens whose text re-tokenizes ~14x longer; a
+        # plain answer stands in for it as history, as a real model's answer would (see bench_serve.PLAIN_ANSWER).
+        messages += [{"role": "assistant", "content": PLAIN_ANSWER}, {"role": "user", "content": f"And then? ({i})"}]
     return out
 
 
