@@ -83,7 +83,8 @@ def matmul_nbits(src: Path, dst: Path, block_size: int = 32, accuracy_level: int
     with tempfile.TemporaryDirectory(prefix="vl-export-int4-", dir=dst.parent) as tmp:
         staged = Path(tmp) / dst.name
         _quantize(src, staged, block_size, symmetric, accuracy_level, qdq=False, exclude=[head])
-        quantize_dynamic(str(staged), str(dst), weight_type=QuantType.QInt8, per_channel=True,
+        # 7-bit lm_head weights, as quantize.dynamic_int8: no int16 saturation on CPUs without int8 dot products
+        quantize_dynamic(str(staged), str(dst), weight_type=QuantType.QInt8, per_channel=True, reduce_range=True,
                          nodes_to_quantize=[head], op_types_to_quantize=["MatMul"],
                          use_external_data_format=sum(f.stat().st_size for f in Path(tmp).iterdir()) > EXTERNAL_DATA_BYTES,
                          extra_options={"MatMulConstBOnly": True})

@@ -339,7 +339,7 @@ def test_internlm2_int8_smoothquant_build_runs_and_agrees_with_pytorch(internlm2
     out = tmp_path / "int8"
     config = BuildConfig(precision="int8", decoder_recipe="w8a8-smoothquant", verify=False)
     manifest = build_bundle(str(internlm2["original"]), out, config, progress=lambda _: None)
-    assert manifest.graph("decoder", "openvino").recipe == "w8a8-smoothquant-minmax"
+    assert manifest.graph("decoder", "openvino").recipe == "w8a8-smoothquant-minmax-w7"
     report = verify_bundle(out, str(internlm2["original"]), progress=lambda _: None)
     worst: dict[str, float] = {}
     for s in report["stages"]:  # one entry per (image, prompt) pair: keep the worst

@@ -279,3 +279,20 @@ def test_each_graph_can_run_on_its_own_backend(pipe, bundle_fp32, tmp_path):
         pipe.chat("Describe.", images=picture, generation=config).token_ids
     with pytest.raises(Exception, match="no chosen backend takes the option 'precision'"):
         Pipeline.from_bundle(bundle_fp32, precision="f32")
+
+
+def test_onnxruntime_pools_sleep_when_idle_unless_asked_to_spin(bundle_fp32):
+    """The engine runs the vision encoder beside the decoder: spinning pools would steal each other's cores."""
+    from vl_export.errors import BackendUnavailableError
+
+    def allow_spinning(pipe) -> str:
+        session = pipe.backends["decoder"]._session(bundle_fp32 / pipe.manifest.graph("decoder", "onnxruntime").file)
+        try:
+            return session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
+        except RuntimeError:  # not set: ONNX Runtime's default, which spins
+            return "default"
+
+    assert allow_spinning(Pipeline.from_bundle(bundle_fp32, threads=2, lazy=True)) == "0"
+    assert allow_spinning(Pipeline.from_bundle(bundle_fp32, threads=2, spin=1, lazy=True)) == "default"
+    with pytest.raises(BackendUnavailableError, match="spin takes 0 or 1"):
+        Pipeline.from_bundle(bundle_fp32, spin=2)
