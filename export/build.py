@@ -28,6 +28,7 @@ class BuildConfig:
     calib_prompts: str | None = None
     calib_method: str = "minmax"
     decoder_recipe: str = "weight-only"
+    int4_lm_head: str = "int8"  # ONNX Runtime's INT4 decoder: lm_head dynamic INT8 (default) or 4-bit like the rest
     verify: bool = True
     verify_tokens: int = 16
     trt: BuildOptions = field(default_factory=BuildOptions)
@@ -45,6 +46,8 @@ class BuildConfig:
 
         if self.calib_method not in METHODS:
             raise InputError(f"unknown calibration method {self.calib_method!r} (choose from {', '.join(METHODS)})")
+        if self.int4_lm_head != "int8" and self.precision != "int4":
+            raise InputError(f"--int4-lm-head applies to --precision int4, not {self.precision}")
         if self.precision == "int4":
             from .decoder_variants import check_int4
 
@@ -181,7 +184,7 @@ def quantize_bundle(staging: Path, manifest: Manifest, source_sha: str, data, co
     if config.precision == "int4":
         from .decoder_variants import int4_steps
 
-        other_steps += int4_steps(inplace)
+        other_steps += int4_steps(inplace, config.int4_lm_head)
     elif config.decoder_recipe == "weight-only":
         other_steps.append(("decoder", "decoder.int8.onnx", "weight-only-int8", None, quantize.weight_only_int8))
     else:

@@ -5,7 +5,7 @@ ONNX Runtime's decoder variants (dynamic INT8, INT4 MatMulNBits) are made from t
 blocked INT4 Q/DQ, for OpenVINO and TensorRT) keep today's concatenating graph. The INT4 settings below were
 chosen by measurement (README, "INT4"): block 32 is the most accurate of 32/64/128 at a decode speed within the
 noise of the others, symmetric, accuracy level 4 (int8 compute) is the fastest level here, and lm_head stays
-8-bit because it alone decides the logits.
+8-bit by default because it alone decides the logits (`--int4-lm-head int4` makes it 4-bit: faster, README "INT4").
 """
 
 from __future__ import annotations
@@ -22,13 +22,16 @@ INPLACE_FILE = "decoder.inplace-fp32.onnx"  # staged only during the build
 INT4_BLOCK_SIZE = 32
 INT4_ACCURACY_LEVEL = 4
 INT4_SYMMETRIC = True
-INT4_LM_HEAD = "int8"
 
 
 def check_int4(config) -> None:
     if config.backend == "tensorrt":
         raise InputError("--precision int4 is not built for TensorRT: its blocked INT4 Q/DQ decoder was not checked "
                          "on a GPU here (build --backend ort and use the decoder with OpenVINO or ONNX Runtime)")
+    from vl_export.calibration.int4 import LM_HEAD_BITS
+
+    if config.int4_lm_head not in LM_HEAD_BITS:
+        raise InputError(f"--int4-lm-head {config.int4_lm_head!r} is not one of {', '.join(LM_HEAD_BITS)}")
     if config.decoder_recipe != "weight-only":
         raise InputError(f"--decoder-recipe {config.decoder_recipe} is an INT8 recipe; int4 decoders are weight-only")
 
@@ -43,7 +46,7 @@ def export_inplace_source(ck, staging: Path, backend: str, progress: Progress) -
         return export_inplace_decoder(ck.model, ck.spec, "fp32", staging / INPLACE_FILE)
 
 
-def int4_steps(inplace: GraphEntry | None) -> list[tuple]:
+def int4_steps(inplace: GraphEntry | None, lm_head: str = "int8") -> list[tuple]:
     """quantize_bundle steps (source, file, recipe, backends, make) for an INT4 decoder."""
     from vl_export.calibration import int4
 
@@ -52,7 +55,7 @@ def int4_steps(inplace: GraphEntry | None) -> list[tuple]:
               partial(int4.blocked_qdq, block_size=b, symmetric=INT4_SYMMETRIC))]
     if inplace is not None:
         steps.append((INPLACE, "decoder.ort-int4.onnx",
-                      f"matmul-nbits-int4-block{b}-level{INT4_ACCURACY_LEVEL}-lm-head-{INT4_LM_HEAD}", ("onnxruntime",),
+                      f"matmul-nbits-int4-block{b}-level{INT4_ACCURACY_LEVEL}-lm-head-{lm_head}", ("onnxruntime",),
                       partial(int4.matmul_nbits, block_size=b, accuracy_level=INT4_ACCURACY_LEVEL,
-                              symmetric=INT4_SYMMETRIC, lm_head=INT4_LM_HEAD)))
+                              symmetric=INT4_SYMMETRIC, lm_head=lm_head)))
     return steps

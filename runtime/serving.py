@@ -121,7 +121,7 @@ class EngineQueue(_JobQueue):
     The engine drives the Pipeline's decoder session from its thread: the Pipeline is not to be used elsewhere
     while the queue runs."""
 
-    def __init__(self, pipe, max_queue: int, max_batch: int = 4, kv_cache_mb: float = 0.0, image_cache_mb: float = 0.0,
+    def __init__(self, pipe, max_queue: int, max_batch: int = 8, kv_cache_mb: float = 0.0, image_cache_mb: float = 0.0,
                  prefill_chunk: int = 512, metrics=None):
         from .engine import Engine
 

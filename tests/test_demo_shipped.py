@@ -75,6 +75,8 @@ def demo_bundles(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo-bundles")
     for precision in ("fp32", "int8", "int4"):
         assert main(["build", "--model", "demo", "--out", str(root / precision), "--precision", precision]) == 0
+    assert main(["build", "--model", "demo", "--out", str(root / "int4-head4"), "--precision", "int4",
+                 "--int4-lm-head", "int4"]) == 0
     return root
 
 
@@ -102,6 +104,25 @@ def test_int4_bundle_stays_within_two_points_of_fp32_on_both_backends(demo_bundl
     for backend, options in (("onnxruntime", {}), ("openvino", {"precision": "f32"})):
         int4 = evaluate(BundleAnswerer(demo_bundles / "int4", backend=backend, **options), examples, max_new_tokens=4)
         assert int4.accuracy >= fp32.accuracy - 0.02, f"{backend}: int4 {int4.accuracy:.1%} vs fp32 {fp32.accuracy:.1%}"
+
+
+def test_int4_bundle_with_a_4_bit_lm_head_stays_within_two_points_of_fp32(demo_bundles):
+    """`--int4-lm-head int4`: ONNX Runtime's decoder has no MatMulInteger left (every weight MatMulNBits)."""
+    import onnx
+
+    examples = data.heldout(PARITY_N, start=TEST_START)
+    fp32 = evaluate(BundleAnswerer(demo_bundles / "fp32"), examples, max_new_tokens=4)
+    manifest = json.loads((demo_bundles / "int4-head4" / "manifest.json").read_text())
+    entry = next(g for g in manifest["graphs"] if g["file"] == "decoder.ort-int4.onnx")
+    assert entry["recipe"].endswith("-lm-head-int4")
+    graph = onnx.load(str(demo_bundles / "int4-head4" / entry["file"]), load_external_data=False).graph
+    weights = {t.name for t in graph.initializer}
+    ops = [n.op_type for n in graph.node]
+    assert "MatMulInteger" not in ops and "MatMulNBits" in ops
+    assert not [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights]
+    int4 = evaluate(BundleAnswerer(demo_bundles / "int4-head4"), examples, max_new_tokens=4)
+    print(f"demo model, int4 with a 4-bit lm_head: {int4.accuracy:.1%} vs fp32 {fp32.accuracy:.1%}")
+    assert int4.accuracy >= fp32.accuracy - 0.02, f"int4 (4-bit lm_head) {int4.accuracy:.1%} vs fp32 {fp32.accuracy:.1%}"
 
 
 def quick_start_commands() -> list[str]:

@@ -106,7 +106,8 @@ def _build(args: argparse.Namespace) -> int:
     trt = _trt_options(args)
     config = BuildConfig(precision=args.precision, backend=args.backend, calib_images=args.calib_images,
                          calib_prompts=args.calib_prompts, calib_method=args.calib_method,
-                         decoder_recipe=args.decoder_recipe, verify=not args.no_verify, trt=trt, overwrite=args.overwrite)
+                         decoder_recipe=args.decoder_recipe,
+                         int4_lm_head=args.int4_lm_head, verify=not args.no_verify, trt=trt, overwrite=args.overwrite)
     build_bundle(args.model, Path(args.out), config)
     return 0
 
@@ -340,6 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-method", choices=("minmax", "entropy", "percentile"), default="minmax")
     p.add_argument("--decoder-recipe", choices=("weight-only", "w8a8", "w8a8-smoothquant"), default="weight-only",
                    help="INT8 decoder: weight-only (default; activations have outliers), static W8A8, or W8A8 after SmoothQuant")
+    p.add_argument("--int4-lm-head", choices=("int8", "int4"), default="int8",
+                   help="int4 precision, ONNX Runtime decoder: lm_head dynamic INT8 (default, closer logits) or 4-bit (faster decode)")
     p.add_argument("--no-verify", action="store_true", help="skip the accuracy check against PyTorch")
     _trt_arguments(p)
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -392,8 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--model-name", default=None, help="model id clients send (default: the bundle directory's name)")
-    p.add_argument("--max-batch", type=int, default=4,
-                   help="requests decoding together in one engine (continuous batching; default 4)")
+    p.add_argument("--max-batch", type=int, default=8,
+                   help="requests decoding together in one engine (continuous batching; default 8, chosen by bench-serve)")
     p.add_argument("--prefill-chunk", type=int, default=512,
                    help="prompt positions a newcomer prefills per step while others decode (default 512)")
     _cache_arguments(p)
