@@ -28,7 +28,7 @@ class BuildConfig:
     calib_prompts: str | None = None
     calib_method: str = "minmax"
     decoder_recipe: str = "weight-only"
-    int4_lm_head: str = "int8"  # ONNX Runtime's INT4 decoder: lm_head dynamic INT8 (default) or 4-bit like the rest
+    int4_lm_head: str | None = None  # ONNX Runtime's INT4 decoder: lm_head "int4" (None: the default) or "int8"
     verify: bool = True
     verify_tokens: int = 16
     trt: BuildOptions = field(default_factory=BuildOptions)
@@ -46,7 +46,7 @@ class BuildConfig:
 
         if self.calib_method not in METHODS:
             raise InputError(f"unknown calibration method {self.calib_method!r} (choose from {', '.join(METHODS)})")
-        if self.int4_lm_head != "int8" and self.precision != "int4":
+        if self.int4_lm_head is not None and self.precision != "int4":
             raise InputError(f"--int4-lm-head applies to --precision int4, not {self.precision}")
         if self.precision == "int4":
             from .decoder_variants import check_int4

@@ -97,8 +97,9 @@ def test_int4_build_refuses_what_it_does_not_make():
         BuildConfig(precision="int4", backend="trt")
     with pytest.raises(InputError, match="weight-only"):
         BuildConfig(precision="int4", decoder_recipe="w8a8")
-    with pytest.raises(InputError, match="applies to --precision int4"):
-        BuildConfig(precision="int8", int4_lm_head="int4")
+    for head in ("int4", "int8"):
+        with pytest.raises(InputError, match="applies to --precision int4"):
+            BuildConfig(precision="int8", int4_lm_head=head)
     with pytest.raises(InputError, match="--int4-lm-head 'int2'"):
         BuildConfig(precision="int4", int4_lm_head="int2")
     assert BuildConfig(precision="int4").precision == "int4"

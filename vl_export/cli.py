@@ -341,8 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-method", choices=("minmax", "entropy", "percentile"), default="minmax")
     p.add_argument("--decoder-recipe", choices=("weight-only", "w8a8", "w8a8-smoothquant"), default="weight-only",
                    help="INT8 decoder: weight-only (default; activations have outliers), static W8A8, or W8A8 after SmoothQuant")
-    p.add_argument("--int4-lm-head", choices=("int8", "int4"), default="int8",
-                   help="int4 precision, ONNX Runtime decoder: lm_head dynamic INT8 (default, closer logits) or 4-bit (faster decode)")
+    p.add_argument("--int4-lm-head", choices=("int4", "int8"), default=None,
+                   help="--precision int4, ONNX Runtime decoder: lm_head 4-bit (default, faster decode) or dynamic INT8 (closer logits)")
     p.add_argument("--no-verify", action="store_true", help="skip the accuracy check against PyTorch")
     _trt_arguments(p)
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
