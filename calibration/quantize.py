@@ -50,6 +50,27 @@ def _big(path: Path) -> bool:
     return sum(f.stat().st_size for f in path.parent.glob(path.name + "*")) > EXTERNAL_DATA_BYTES
 
 
+def lean_session(calibrator) -> None:
+    """Reopen the calibrator's session on its augmented graph without ONNX Runtime's memory pattern and CPU arena.
+
+    The augmented graph's outputs (a ReduceMin/ReduceMax per calibrated tensor) defeat the memory pattern, and the
+    arena then keeps every run's peak: measured on the same-size InternViT-300M (one 448x448 tile per run), the
+    calibration session's peak RSS is 12.1 GiB from the second run on with ONNX Runtime's defaults, 7.9 GiB without
+    the memory pattern and 6.3 GiB without the arena as well, for about 1 s more per tile (7 s against 6 s here):
+    the build's other peak (the vision encoder's fp32 export) is 7.7 GiB, so memory wins. Same graph, same
+    optimisation level (none, as ONNX Runtime's calibrator opens it): the ranges do not change.
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.enable_mem_pattern = False
+    options.enable_cpu_mem_arena = False
+    calibrator.infer_session = None  # the default session goes before the lean one loads the weights again
+    calibrator.infer_session = ort.InferenceSession(calibrator.augmented_model_path, sess_options=options,
+                                                    providers=calibrator.execution_providers)
+
+
 def _quiet():
     """ONNX Runtime's quantizer logs a pre-processing hint at WARNING on every call; ours say what happened."""
     logging.getLogger().setLevel(logging.ERROR)
@@ -73,6 +94,7 @@ def calibrate(src: Path, feeds: Feeds, method: str, cache: Path, op_types: tuple
             providers=["CPUExecutionProvider"],
             extra_options={"symmetric": True, "percentile": 99.999},  # TensorRT wants symmetric ranges
         )
+        lean_session(calibrator)
         seen = 0
         for feed in feeds():
             calibrator.collect_data(_Reader(lambda feed=feed: [feed]))

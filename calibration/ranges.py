@@ -53,7 +53,7 @@ class GraphRanges:
     def __init__(self, src: Path, method: str, op_types: tuple[str, ...], scratch: Path):
         from onnxruntime.quantization.calibrate import create_calibrator
 
-        from .quantize import _big, _ort_method
+        from .quantize import _big, _ort_method, lean_session
 
         self.seen = 0
         self._calibrator = create_calibrator(
@@ -65,6 +65,7 @@ class GraphRanges:
         # The calibrator keeps the whole fp32 model it augmented; it only reads the graph's outputs from it, which
         # it has noted already. Dropping it halves this step's memory (the session holds its own copy).
         self._calibrator.model = None
+        lean_session(self._calibrator)
         outputs = tuple(o.name for o in self._calibrator.infer_session.get_outputs()[: self._calibrator.num_model_outputs])
         self._session = _Recording(self._calibrator.infer_session, outputs)
         self._calibrator.infer_session = self._session

@@ -40,6 +40,43 @@ def test_one_pass_ranges_equal_onnxruntimes_graph_by_graph_calibration(bundle_fp
             np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-6, err_msg=name)
 
 
+def test_lean_calibration_session_gives_onnxruntimes_untouched_ranges(bundle_fp32, tmp_path):
+    """quantize.lean_session (no memory pattern, no arena: half the peak RSS) changes allocation, not ranges: the
+    same tiles through ONNX Runtime's calibrator exactly as ONNX Runtime sets it up give the same ranges."""
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod
+    from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
+
+    from vl_export.calibration import quantize
+    from vl_export.calibration.data import CalibrationSet
+
+    pipe = Pipeline.from_bundle(bundle_fp32, lazy=True)
+    data = CalibrationSet.from_paths(None, None)
+    data.images = data.images[:2]
+    ops = ("MatMul", "Gemm", "Conv")
+    src = bundle_fp32 / "vision_encoder.onnx"
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.feeds = iter(list(data.vision_feeds(pipe)))
+
+        def get_next(self):
+            return next(self.feeds, None)
+
+    untouched = create_calibrator(src, list(ops), augmented_model_path=str(tmp_path / "augmented.onnx"),
+                                  calibrate_method=CalibrationMethod.MinMax, extra_options={"symmetric": True})
+    assert untouched.infer_session.get_session_options().enable_mem_pattern  # ONNX Runtime's own defaults
+    untouched.collect_data(Reader())
+    save_tensors_data(untouched.compute_data(), tmp_path / "ort.json")
+    quantize.lean_session(untouched)  # what quantize.calibrate and ranges.GraphRanges do to theirs
+    options = untouched.infer_session.get_session_options()
+    assert not options.enable_mem_pattern and not options.enable_cpu_mem_arena
+    quantize.calibrate(src, lambda: data.vision_feeds(pipe), "minmax", tmp_path / "lean.json", ops)
+    want, got = ranges_of(tmp_path / "ort.json"), ranges_of(tmp_path / "lean.json")
+    assert want.keys() == got.keys() and len(want) >= 4
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-6, atol=1e-7, err_msg=name)
+
+
 def test_one_pass_reuses_a_cached_graph_and_calibrates_only_the_other(bundle_fp32, tmp_path):
     from vl_export.calibration.data import CalibrationSet
     from vl_export.calibration.ranges import VisionCalibration, calibrate_vision_and_projector
