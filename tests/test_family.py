@@ -323,11 +323,11 @@ def test_internlm2_int8_smoothquant_build_runs_and_agrees_with_pytorch(internlm2
     """INT8 with the SmoothQuant decoder recipe on the InternLM2 decoder: the norm -> q/k/v and norm -> gate/up
     pairs are found in its graph (no q/k/v bias), the build runs, and verify against PyTorch agrees on tokens.
 
-    Measured on this tiny random model, whose logits are full of near-ties: the build's one-pair check gives image
-    embeds cosine 0.98999 and prefill logits 0.9785 (a hair under the default 0.99 / 0.98 bars: the INT8
-    projector of a 32-wide tiny ViT, and 768 image tokens dominate the prompt), teacher-forced top-1 1.0, 16/16
-    greedy tokens; over verify's default pairs the worst were top-1 0.8125 and 9 identical greedy tokens.
-    So the build's own check is off here, and the bars below are the measured worst cases with a margin."""
+    With 8-bit CPU weights this tiny model missed verify's default bars (image embeds cosine 0.98999, prefill
+    logits 0.9785, top-1 0.8125): that was int16 saturation on CPUs without int8 dot products (README, "INT8 on
+    CPUs without int8 dot products"). With the 7-bit CPU weights, measured on this AVX2-only machine over verify's
+    default pairs: image embeds 0.9995, prefill logits 0.9992, teacher-forced top-1 0.9375, 5 identical greedy
+    tokens (near-ties after). The bars are verify's own int8 defaults."""
     import onnx
 
     from vl_export.calibration.smoothquant import smooth_pairs
@@ -346,10 +346,29 @@ def test_internlm2_int8_smoothquant_build_runs_and_agrees_with_pytorch(internlm2
         worst[s["stage"]] = min(worst.get(s["stage"], float(s["value"])), float(s["value"]))
     print("INT8 InternLM2 worst over verify's pairs:", worst)
     assert worst["prompt_ids"] == 1.0  # identical ids, <s> first in both
-    assert worst["image_embeds"] >= 0.985
-    assert worst["prefill_logits"] >= 0.97
-    assert worst["teacher_forced_top1"] >= 0.75
+    assert worst["image_embeds"] >= 0.99
+    assert worst["prefill_logits"] >= 0.98
+    assert worst["teacher_forced_top1"] >= 0.85
     assert worst["greedy"] >= 1
+
+
+@pytest.mark.parametrize("member", ["vit6b_internlm2", "vit6b_qwen_tied"])
+def test_int8_builds_of_the_internvit_6b_members_pass_verifys_default_bars(member, request, tmp_path):
+    """INT8 (default recipe) for the 26B shape (InternViT-6B + InternLM2) and the 38B/78B shape (InternViT-6B + a tied
+    Qwen2): calibration through RMSNorm and q/k norms, and verify's default int8 thresholds on ONNX Runtime.
+    Measured here (AVX2-only CPU, 7-bit CPU weights), worst over verify's default pairs: image embeds cosine 0.9996,
+    prefill logits 0.9996 / 0.9992, teacher-forced top-1 0.875 / 1.0; OpenVINO (f32) the same within 0.001."""
+    from vl_export.export.build import BuildConfig, build_bundle
+    from vl_export.export.verify import DEFAULT_PROMPTS, default_images, verify_bundle
+
+    tiny = request.getfixturevalue(member)
+    out = tmp_path / "int8"
+    build_bundle(str(tiny["original"]), out, BuildConfig(precision="int8", verify=False), progress=lambda _: None)
+    report = verify_bundle(out, str(tiny["original"]), images=default_images()[:1], prompts=DEFAULT_PROMPTS[:1],
+                           progress=lambda _: None)
+    failed = [(s["stage"], s["metric"], s["value"]) for s in report["stages"] if not s["pass"]]
+    assert report["passed"] and not failed, failed
+    assert report["precision"] == "int8"  # held to the int8 bars, not looser ones
 
 
 # --- what stays unsupported -----------------------------------------------------------------------------------
