@@ -71,7 +71,7 @@ def vit6b_internlm2(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def vit6b_qwen_tied(tmp_path_factory):
-    return _member(tmp_path_factory, "vit6b-qwen-tied", member_config(TINY_INTERNVIT_6B, TINY_QWEN_TIED_LLM))
+    return _member(tmp_path_factory, "vit6b-qwen-tied", member_config(TINY_INTERNVIT_6B, TINY_QWEN_TIED_LLM), ("fp32", "fp16"))
 
 
 def session(bundle, file):
@@ -272,6 +272,17 @@ def test_qwen_members_answer_with_transformers_greedy_tokens(vit6b_qwen_tied):
     assert "language_model.lm_head.weight" not in tiny["sd"]  # written tied, as Qwen2.5-3B saves
     loaded = checkpoint.load(tiny["original"]).model
     assert loaded.lm_head.weight.data_ptr() == loaded.model.language_model.embed_tokens.weight.data_ptr()
+
+
+def test_tied_qwen_member_in_fp16_passes_verifys_fp16_bars(vit6b_qwen_tied):
+    """fp16 for the 38B/78B shape (InternViT-6B + Qwen2 with a tied head; the 4B's head too): verify's fp16
+    thresholds (features, embeds and logits cosine >= 0.999, the first greedy tokens) against transformers."""
+    from vl_export.export.verify import DEFAULT_PROMPTS, default_images, verify_bundle
+
+    report = verify_bundle(vit6b_qwen_tied["fp16"], str(vit6b_qwen_tied["original"]), images=default_images()[:1],
+                           prompts=DEFAULT_PROMPTS[:1], progress=lambda _: None)
+    failed = [(s["stage"], s["metric"], s["value"]) for s in report["stages"] if not s["pass"]]
+    assert report["precision"] == "fp16" and report["passed"] and not failed, failed
 
 
 # --- the InternLM2 tokenizer -----------------------------------------------------------------------------------
