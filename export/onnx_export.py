@@ -132,10 +132,32 @@ def export_graph(role: str, model: torch.nn.Module, spec: ModelSpec, precision: 
     else:
         ir.save(graph_ir, path)
     del program, graph_ir, wrapper
+    _forget_exported_graph()
     if release_weights:
         release_graph_weights(role, model)
     onnx.checker.check_model(str(path), full_check=True)
     return GraphEntry(role=role, file=path.name, precision=precision, inputs=inputs, outputs=outputs)
+
+
+def _forget_exported_graph() -> None:
+    """Drop what onnxscript's rewrite rules remember of the last graph they matched.
+
+    The exporter's optimiser runs module-level rewrite rules whose pattern matchers keep the graph of their last
+    match (`_graph`, `_match`, `_current_node`, set afresh on every match). That graph's initializers wrap the torch
+    parameters, so every exported graph's weights stayed resident until the next export: freeing a graph's weights
+    after its export gave nothing back (the same-size 2B build held its 9 GiB through the vision export).
+    """
+    import gc
+
+    try:
+        from onnxscript.rewriter._matcher import PatternMatcher
+    except ImportError:  # a later onnxscript without this module: nothing of it to clear
+        return
+    for obj in gc.get_objects():
+        if isinstance(obj, PatternMatcher):
+            for name in ("_graph", "_match", "_current_node", "_tracer"):
+                if name in obj.__dict__:
+                    setattr(obj, name, None)
 
 
 def graph_modules(role: str, model: torch.nn.Module) -> list[torch.nn.Module]:

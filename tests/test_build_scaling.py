@@ -147,3 +147,24 @@ def test_checkpoint_reads_safetensors_without_a_memory_map_and_refuses_a_truncat
     (tmp_path / "cut.safetensors").write_bytes(data[:-8])
     with pytest.raises(CheckpointError, match="truncated"):
         read_safetensors(tmp_path / "cut.safetensors")
+
+
+def test_a_graphs_torch_weights_are_freed_once_it_is_exported(tiny, tmp_path):
+    """After the decoder's export with release_weights, nothing keeps its parameters alive: onnxscript's rewrite
+    rules used to hold the last graph they matched, and through its initializers every torch weight of it."""
+    import gc
+    import weakref
+
+    from vl_export.export.bundle import load_checkpoint
+    from vl_export.export.onnx_export import export_graph
+
+    ck = load_checkpoint(str(tiny["original"]), lambda _: None)
+    layer = ck.model.model.language_model.layers[0]
+    weights = [weakref.ref(layer.mlp.up_proj.weight), weakref.ref(layer.self_attn.q_proj.weight),
+               weakref.ref(ck.model.lm_head.weight)]
+    kept = weakref.ref(next(ck.model.model.vision_tower.parameters()))  # another graph's
+    del layer
+    export_graph("decoder", ck.model, ck.spec, "fp32", tmp_path, release_weights=True)
+    gc.collect()
+    assert [w() is None for w in weights] == [True, True, True]
+    assert kept() is not None and kept().device.type == "cpu"
