@@ -154,7 +154,7 @@ def _forget_exported_graph() -> None:
     except ImportError:  # a later onnxscript without this module: nothing of it to clear
         return
     for obj in gc.get_objects():
-        if isinstance(obj, PatternMatcher):
+        if issubclass(type(obj), PatternMatcher):  # type(): isinstance would read deprecated objects' __class__
             for name in ("_graph", "_match", "_current_node", "_tracer"):
                 if name in obj.__dict__:
                     setattr(obj, name, None)
