@@ -41,8 +41,11 @@ def test_one_pass_ranges_equal_onnxruntimes_graph_by_graph_calibration(bundle_fp
 
 
 def test_lean_calibration_session_gives_onnxruntimes_untouched_ranges(bundle_fp32, tmp_path):
-    """quantize.lean_session (no memory pattern, no arena: half the peak RSS) changes allocation, not ranges: the
-    same tiles through ONNX Runtime's calibrator exactly as ONNX Runtime sets it up give the same ranges."""
+    """quantize.lean_session (priority order, no memory pattern, no arena: an eighth of the peak RSS) changes
+    allocation and order, not ranges: the same tiles through ONNX Runtime's calibrator exactly as ONNX Runtime sets
+    it up give the same ranges."""
+    import onnxruntime as ort
+
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod
     from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
 
@@ -70,6 +73,7 @@ def test_lean_calibration_session_gives_onnxruntimes_untouched_ranges(bundle_fp3
     quantize.lean_session(untouched)  # what quantize.calibrate and ranges.GraphRanges do to theirs
     options = untouched.infer_session.get_session_options()
     assert not options.enable_mem_pattern and not options.enable_cpu_mem_arena
+    assert options.execution_order == ort.ExecutionOrder.PRIORITY_BASED
     quantize.calibrate(src, lambda: data.vision_feeds(pipe), "minmax", tmp_path / "lean.json", ops)
     want, got = ranges_of(tmp_path / "ort.json"), ranges_of(tmp_path / "lean.json")
     assert want.keys() == got.keys() and len(want) >= 4
@@ -168,3 +172,57 @@ def test_a_graphs_torch_weights_are_freed_once_it_is_exported(tiny, tmp_path):
     gc.collect()
     assert [w() is None for w in weights] == [True, True, True]
     assert kept() is not None and kept().device.type == "cpu"
+
+
+def _graph_parts(path):
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    ops: dict[str, int] = {}
+    for node in model.graph.node:
+        ops[node.op_type] = ops.get(node.op_type, 0) + 1
+    return ops, {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+@pytest.mark.parametrize("role", ["decoder", "vision_encoder (fused for onnxruntime)"])
+def test_streamed_dynamic_int8_writes_onnxruntimes_quantize_dynamic_graph(bundle_fp32, tmp_path, role):
+    """calibration/dynamic.py (weight by weight, the build's dynamic INT8) against ONNX Runtime's quantize_dynamic
+    with the settings it replaces: the same nodes, the same int8 weights and scales under the same names, and the
+    same outputs to the bit. The source is read from external data, as the build's large graphs are."""
+    import onnx
+    import onnxruntime as ort
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from vl_export.calibration import dynamic
+    from vl_export.calibration.ort_fusions import fuse_for_onnxruntime
+    from vl_export.export.onnx_export import example_inputs, graph_io
+    from vl_export.manifest import Manifest
+
+    name = role.split()[0]
+    src = tmp_path / "src.onnx"
+    if name == "vision_encoder":
+        fuse_for_onnxruntime(bundle_fp32 / "vision_encoder.onnx", tmp_path / "fused.onnx")
+        model = onnx.load(str(tmp_path / "fused.onnx"))
+    else:
+        model = onnx.load(str(bundle_fp32 / "decoder.onnx"))
+    onnx.save_model(model, str(src), save_as_external_data=True, location="src.onnx.data", size_threshold=0)
+    assert (tmp_path / "src.onnx.data").stat().st_size > 100_000
+
+    quantize_dynamic(str(src), str(tmp_path / "ort.onnx"), weight_type=QuantType.QInt8, per_channel=True,
+                     reduce_range=True, op_types_to_quantize=["MatMul", "Gemm"], extra_options={"MatMulConstBOnly": True})
+    count = dynamic.dynamic_int8(src, tmp_path / "ours.onnx")
+
+    want_ops, want_init = _graph_parts(tmp_path / "ort.onnx")
+    got_ops, got_init = _graph_parts(tmp_path / "ours.onnx")
+    assert count == want_ops["MatMulInteger"] >= 4
+    assert got_ops == want_ops
+    assert got_init.keys() == want_init.keys()
+    for key, want in want_init.items():
+        assert got_init[key].dtype == want.dtype and np.array_equal(got_init[key], want), key
+    spec = Manifest.load(bundle_fp32).model
+    feeds = example_inputs(graph_io(name, spec, "fp32")[0], seed=3)
+    runs = [ort.InferenceSession(str(tmp_path / f), providers=["CPUExecutionProvider"]).run(None, feeds)
+            for f in ("ort.onnx", "ours.onnx")]
+    for want, got in zip(*runs):
+        assert np.array_equal(got, want)
