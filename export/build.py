@@ -71,7 +71,7 @@ def _build_bundle(model: str, out: Path, config: BuildConfig, progress: Progress
         from vl_export.calibration.data import CalibrationSet
 
         calibration = CalibrationSet.from_paths(config.calib_images, config.calib_prompts)  # bad data fails first
-    ck = load_checkpoint(model, progress)
+    ck = load_checkpoint(model, progress, stored_dtype=True)  # each graph's weights upcast when it is exported
     path, sha = ck.path, ck.sha256
     with output_directory(ck, Path(out), config.overwrite) as staging:
         graph_precision = "fp16" if config.precision == "fp16" else "fp32"

@@ -34,7 +34,7 @@ def library_versions() -> dict[str, str]:
 
 
 def write_embeddings(model, staging: Path, precision: str) -> dict:
-    table = model.model.language_model.embed_tokens.weight.detach().numpy()  # (vocab, hidden)
+    table = model.model.language_model.embed_tokens.weight.detach().float().numpy()  # (vocab, hidden)
     table = table.astype(np.float32 if precision == "fp32" else np.float16, copy=False)  # fp16 rows for fp16 and int8 bundles
     np.save(staging / EMBED_FILE, table)
     return {"file": EMBED_FILE, "dtype": str(table.dtype), "shape": list(table.shape)}
@@ -101,10 +101,11 @@ def output_directory(ck: checkpoint.Checkpoint, out: Path, overwrite: bool):
     return staged_directory(Path(out), overwrite, protect=[ck.path], must_hold=MANIFEST)
 
 
-def load_checkpoint(model: str, progress: Progress) -> checkpoint.Checkpoint:
+def load_checkpoint(model: str, progress: Progress, stored_dtype: bool = False) -> checkpoint.Checkpoint:
+    """The checkpoint in fp32, or (`stored_dtype`, for export) in its stored dtype until each graph is exported."""
     path = checkpoint.resolve(model)
     with step(progress, f"loading {path}"):
-        return checkpoint.load(path)
+        return checkpoint.load(path, stored_dtype)
 
 
 def write_bundle(ck: checkpoint.Checkpoint, staging: Path, graph_precision: str, progress: Progress,
@@ -128,7 +129,7 @@ def export_bundle(
     if precision not in PRECISIONS:
         raise VlExportError(f"unknown dtype {precision!r} for export (choose from {', '.join(PRECISIONS)})")
     check_out(model, Path(out), overwrite)
-    ck = load_checkpoint(model, progress)
+    ck = load_checkpoint(model, progress, stored_dtype=True)
     with output_directory(ck, Path(out), overwrite) as staging:
         manifest = write_bundle(ck, staging, precision, progress, release_weights=True)
     progress(f"bundle written to {Path(out).absolute()}")

@@ -288,7 +288,7 @@ def native_config(spec: ModelSpec, image_token_id: int):
     )
 
 
-def _load_original(path: Path, spec: ModelSpec, image_token_id: int) -> torch.nn.Module:
+def _load_original(path: Path, spec: ModelSpec, image_token_id: int, stored_dtype: bool = False) -> torch.nn.Module:
     from transformers import InternVLForConditionalGeneration
 
     state = read_state_dict(path)
@@ -302,7 +302,7 @@ def _load_original(path: Path, spec: ModelSpec, image_token_id: int) -> torch.nn
         expected.pop("lm_head.weight", None)
         state.pop("lm_head.weight", None)
     _check_keys(expected, state)
-    model.load_state_dict(_to_fp32(state), strict=False, assign=True)
+    model.load_state_dict(state if stored_dtype else _to_fp32(state), strict=False, assign=True)
     if spec.text.tie_word_embeddings:
         model.lm_head.weight = model.model.language_model.embed_tokens.weight
     # Built on the meta device to skip random init; the rotary tables are computed buffers, not weights.
@@ -334,12 +334,12 @@ def _check_keys(expected: dict[str, torch.Size], state: dict[str, torch.Tensor])
             )
 
 
-def _load_native(path: Path) -> torch.nn.Module:
+def _load_native(path: Path, stored_dtype: bool = False) -> torch.nn.Module:
     from transformers import InternVLForConditionalGeneration
 
     try:
         model, info = InternVLForConditionalGeneration.from_pretrained(
-            path, dtype=torch.float32, output_loading_info=True, local_files_only=True
+            path, dtype="auto" if stored_dtype else torch.float32, output_loading_info=True, local_files_only=True
         )
     except (OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"cannot load {path} as InternVLForConditionalGeneration: {exc}") from None
@@ -350,11 +350,20 @@ def _load_native(path: Path) -> torch.nn.Module:
     return model
 
 
-def load(path: Path) -> Checkpoint:
-    """Load either layout into InternVLForConditionalGeneration (fp32, eval, eager attention)."""
+def load(path: Path, stored_dtype: bool = False) -> Checkpoint:
+    """Load either layout into InternVLForConditionalGeneration (eval, eager attention), in fp32, or with
+    `stored_dtype` in the dtype the checkpoint stores (bf16 for the released ones) for the exporter, which upcasts
+    each graph's weights to fp32 just before exporting it (`to_full_precision`): the whole model is never held in
+    fp32, and the upcast is exact, so the graphs are the same."""
     spec = ModelSpec.from_config(read_config(path))
     image_token_id = image_token_id_of(path)
-    model = _load_original(path, spec, image_token_id) if spec.layout == "original" else _load_native(path)
+    if spec.layout == "original":
+        model = _load_original(path, spec, image_token_id, stored_dtype)
+    else:
+        model = _load_native(path, stored_dtype)
+        if stored_dtype:  # the rotary table computed afresh in fp32, as _load_original does
+            lm = model.model.language_model
+            lm.rotary_emb = type(lm.rotary_emb)(lm.config)
     if spec.vision.qk_normalization:  # transformers builds q_norm/k_norm with eps 1e-6; InternViT uses layer_norm_eps
         for layer in model.model.vision_tower.encoder.layer:
             layer.attention.q_norm.variance_epsilon = layer.attention.k_norm.variance_epsilon = spec.vision.layer_norm_eps

@@ -110,9 +110,10 @@ def export_inplace_decoder(model: torch.nn.Module, spec: ModelSpec, precision: s
 
     from vl_export.manifest import GraphEntry
 
-    from .onnx_export import EXTERNAL_DATA_BYTES, TORCH_DTYPES, _name_axes, _quiet_exporter, _weight_bytes
+    from .onnx_export import EXTERNAL_DATA_BYTES, TORCH_DTYPES, _name_axes, _quiet_exporter, _weight_bytes, to_full_precision
 
     inputs, outputs = inplace_io(spec, precision)
+    to_full_precision("decoder", model)
     wrapper = InplaceDecoder(model, spec, TORCH_DTYPES[precision]).eval()
     sizes = EXAMPLE_SIZES
     rng = np.random.default_rng(0)

@@ -3,8 +3,12 @@ steps report counted progress, and a rebuild says what it reused."""
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import numpy as np
 import pytest
+import torch
 
 from vl_export.runtime import Pipeline
 
@@ -226,3 +230,46 @@ def test_streamed_dynamic_int8_writes_onnxruntimes_quantize_dynamic_graph(bundle
             for f in ("ort.onnx", "ours.onnx")]
     for want, got in zip(*runs):
         assert np.array_equal(got, want)
+
+
+@pytest.mark.parametrize("layout", ["original", "native"])
+def test_a_bf16_checkpoint_is_held_in_bf16_and_exports_the_graphs_of_its_fp32_load(tiny, tmp_path, layout, monkeypatch):
+    """The exporter keeps a bf16 checkpoint in bf16 and upcasts each graph's weights just before its export: the
+    graphs (every initializer, to the bit) are those exported from the same checkpoint loaded whole in fp32. Graphs
+    over EXTERNAL_DATA_BYTES (lowered here so the tiny ones cross it) go to external data and pass the checker."""
+    import onnx
+    from onnx import numpy_helper
+
+    from tiny_models import original_state_dict, write_original
+    from vl_export.export import checkpoint, onnx_export
+    from vl_export.export.onnx_export import export_graph
+
+    model = tiny["model"]
+    if layout == "original":
+        state = {k: v.to(torch.bfloat16) for k, v in original_state_dict(model).items()}
+        path = write_original(model, json.loads((tiny["original"] / "config.json").read_text()),
+                              tiny["original"].parent / "tokenizer", tmp_path / "ck", state=state)
+    else:
+        path = tmp_path / "ck"
+        model.to(torch.bfloat16).save_pretrained(path)
+        model.float()
+        for file in tiny["native"].iterdir():
+            if not file.name.startswith(("model", "config")):
+                shutil.copy(file, path / file.name)
+    held = checkpoint.load(path, stored_dtype=True)
+    assert {p.dtype for p in held.model.parameters()} == {torch.bfloat16}
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 10_000)
+    whole = checkpoint.load(path)
+    for role in ("decoder", "vision_encoder", "projector"):
+        graphs = {}
+        for name, ck in (("held", held), ("whole", whole)):
+            out = tmp_path / name
+            out.mkdir(exist_ok=True)
+            entry = export_graph(role, ck.model, ck.spec, "fp32", out, release_weights=True)
+            assert (out / (entry.file + ".data")).is_file()
+            graphs[name] = {t.name: numpy_helper.to_array(t, base_dir=str(out))
+                            for t in onnx.load(str(out / entry.file), load_external_data=False).graph.initializer}
+        assert graphs["held"].keys() == graphs["whole"].keys() and graphs["held"]
+        for key, want in graphs["whole"].items():
+            assert graphs["held"][key].dtype == want.dtype, key
+            assert np.array_equal(graphs["held"][key], want), (role, key)
