@@ -68,7 +68,7 @@ def dynamic_int8(src: Path, dst: Path) -> int:
         out = node.output[0]
         name = node.name + "_quant" if node.name else ""
         integer = out + "_output_quantized"
-        scales = (name + "_scales_mul" if name else x_scale + "_" + w_scale + "_mul")
+        scales = name + "_scales_mul" if name else x_scale + "_" + w_scale + "_mul"
         new_nodes += [
             helper.make_node("MatMulInteger", [xq, wq, x_zp, w_zp], [integer], name),
             helper.make_node("Cast", [integer], [integer + "_cast_output"], integer + "_cast", to=TensorProto.FLOAT),

@@ -305,10 +305,7 @@ def _load_original(path: Path, spec: ModelSpec, image_token_id: int, stored_dtyp
     model.load_state_dict(state if stored_dtype else _to_fp32(state), strict=False, assign=True)
     if spec.text.tie_word_embeddings:
         model.lm_head.weight = model.model.language_model.embed_tokens.weight
-    # Built on the meta device to skip random init; the rotary tables are computed buffers, not weights.
-    lm = model.model.language_model
-    lm.rotary_emb = type(lm.rotary_emb)(lm.config)
-    return model
+    return model  # built on the meta device to skip random init: `load` computes the rotary tables
 
 
 def _to_fp32(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -361,9 +358,10 @@ def load(path: Path, stored_dtype: bool = False) -> Checkpoint:
         model = _load_original(path, spec, image_token_id, stored_dtype)
     else:
         model = _load_native(path, stored_dtype)
-        if stored_dtype:  # the rotary table computed afresh in fp32, as _load_original does
-            lm = model.model.language_model
-            lm.rotary_emb = type(lm.rotary_emb)(lm.config)
+    # The rotary tables are computed buffers, not weights: computed here in fp32 for either layout (the original
+    # layout's model is built on the meta device; a native checkpoint loaded in bf16 would hold them in bf16).
+    lm = model.model.language_model
+    lm.rotary_emb = type(lm.rotary_emb)(lm.config)
     if spec.vision.qk_normalization:  # transformers builds q_norm/k_norm with eps 1e-6; InternViT uses layer_norm_eps
         for layer in model.model.vision_tower.encoder.layer:
             layer.attention.q_norm.variance_epsilon = layer.attention.k_norm.variance_epsilon = spec.vision.layer_norm_eps

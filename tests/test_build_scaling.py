@@ -3,6 +3,7 @@ steps report counted progress, and a rebuild says what it reused."""
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 
@@ -182,11 +183,9 @@ def _graph_parts(path):
     import onnx
     from onnx import numpy_helper
 
-    model = onnx.load(str(path))
-    ops: dict[str, int] = {}
-    for node in model.graph.node:
-        ops[node.op_type] = ops.get(node.op_type, 0) + 1
-    return ops, {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    from vl_export.calibration.quantize import count_ops
+
+    return count_ops(path), {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
 
 
 @pytest.mark.parametrize("role", ["decoder", "vision_encoder (fused for onnxruntime)"])
@@ -251,8 +250,7 @@ def test_a_bf16_checkpoint_is_held_in_bf16_and_exports_the_graphs_of_its_fp32_lo
                               tiny["original"].parent / "tokenizer", tmp_path / "ck", state=state)
     else:
         path = tmp_path / "ck"
-        model.to(torch.bfloat16).save_pretrained(path)
-        model.float()
+        copy.deepcopy(model).to(torch.bfloat16).save_pretrained(path)  # the session's tiny model stays fp32
         for file in tiny["native"].iterdir():
             if not file.name.startswith(("model", "config")):
                 shutil.copy(file, path / file.name)
