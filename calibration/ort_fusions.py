@@ -19,8 +19,9 @@ MS_DOMAIN = "com.microsoft"
 
 
 class _Graph:
-    def __init__(self, model: onnx.ModelProto):
+    def __init__(self, model: onnx.ModelProto, base_dir: Path):
         self.model = model
+        self.base_dir = str(base_dir)  # where the graph's external data is, for the few constants read from it
         self.producer = {o: n for n in model.graph.node for o in n.output}
         self.consumers: dict[str, list] = {}
         for n in model.graph.node:
@@ -30,7 +31,7 @@ class _Graph:
 
     def const(self, name: str) -> np.ndarray | None:
         if name in self.initializers:
-            return numpy_helper.to_array(self.initializers[name])
+            return numpy_helper.to_array(self.initializers[name], self.base_dir)
         node = self.producer.get(name)
         if node is not None and node.op_type == "Constant":
             return numpy_helper.to_array(node.attribute[0].t)
@@ -92,9 +93,13 @@ def _gelu(g: _Graph, erf) -> tuple[list, onnx.NodeProto] | None:
 
 
 def fuse_for_onnxruntime(src: Path, dst: Path) -> dict[str, int]:
-    """Write `src` with its attention and GELU patterns fused; returns how many of each were fused."""
-    model = onnx.load(str(src))
-    g = _Graph(model)
+    """Write `src` with its attention and GELU patterns fused; returns how many of each were fused.
+
+    Only the graph is read: the weights stay in `src`'s external data. A `dst` beside `src` refers to that same
+    data file (nothing is copied: the step's memory is the graph, not the 1.2 GB of InternViT-300M's weights); one
+    elsewhere gets the weights written into it."""
+    model = onnx.load(str(src), load_external_data=False)
+    g = _Graph(model, src.parent)
     replaced: dict[int, onnx.NodeProto | None] = {}
     counts = {"MultiHeadAttention": 0, "Gelu": 0}
     for node in list(model.graph.node):
@@ -112,7 +117,13 @@ def fuse_for_onnxruntime(src: Path, dst: Path) -> dict[str, int]:
     model.graph.node.extend(n for n in nodes if n is not None)
     if not any(o.domain == MS_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
-    from .quantize import save
+    if dst.parent.resolve() == src.parent.resolve():
+        onnx.save_model(model, str(dst))  # the initializers keep their references into src's data file
+    else:
+        from onnx.external_data_helper import load_external_data_for_model
 
-    save(model, dst)
+        from .quantize import save
+
+        load_external_data_for_model(model, str(src.parent))
+        save(model, dst)
     return counts

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -74,6 +75,47 @@ def lean_session(calibrator) -> None:
                                                     providers=calibrator.execution_providers)
 
 
+@contextmanager
+def lean_calibrator(src: Path, op_types: tuple[str, ...], method: str):
+    """ONNX Runtime's calibrator for `src`, made from the graph alone and run in a lean session (`lean_session`).
+
+    create_calibrator loads the whole model (weights too) after its shape inference, saves the augmented copy with
+    the weights and opens a default session on it before anything can be changed: three copies of the weights at
+    once (4.1 GiB for the same-size InternViT-300M). Here the calibrator reads the graph without its external data,
+    writes the augmented graph beside `src` so that its weights stay references into `src`'s data file, and only
+    the lean session ever loads them. Same augmentation code, same reductions, same ranges (a test holds them equal
+    to ONNX Runtime's untouched calibrator). The augmented graph is removed on the way out.
+    """
+    from unittest import mock
+
+    from onnxruntime.quantization import calibrate as ort_calibrate
+    from onnxruntime.quantization.quant_utils import add_infer_metadata
+
+    def graph_with_shapes(model_path: Path) -> onnx.ModelProto:  # quant_utils.load_model_with_shape_infer, no weights
+        inferred = model_path.with_name(model_path.stem + "-inferred.onnx")
+        try:
+            onnx.shape_inference.infer_shapes_path(str(model_path), str(inferred))
+            model = onnx.load(str(inferred), load_external_data=False)
+        finally:
+            inferred.unlink(missing_ok=True)
+        add_infer_metadata(model)
+        return model
+
+    augmented = src.with_name(src.stem + ".augmented.onnx")
+    try:
+        with mock.patch.object(ort_calibrate, "load_model_with_shape_infer", graph_with_shapes), \
+                mock.patch.object(ort_calibrate.CalibraterBase, "create_inference_session", lambda self: None):
+            calibrator = ort_calibrate.create_calibrator(
+                src, list(op_types), augmented_model_path=str(augmented), calibrate_method=_ort_method(method),
+                use_external_data_format=False, providers=["CPUExecutionProvider"],
+                extra_options={"symmetric": True, "percentile": 99.999},  # TensorRT wants symmetric ranges
+            )
+        lean_session(calibrator)
+        yield calibrator
+    finally:
+        augmented.unlink(missing_ok=True)
+
+
 def _quiet():
     """ONNX Runtime's quantizer logs a pre-processing hint at WARNING on every call; ours say what happened."""
     logging.getLogger().setLevel(logging.ERROR)
@@ -86,18 +128,9 @@ def calibrate(src: Path, feeds: Feeds, method: str, cache: Path, op_types: tuple
     intermediate tensor of every feed (16 GB for 24 tiles of InternViT-300M), and its CalibMaxIntermediateOutputs
     option discards the batches it should merge (onnxruntime 1.32).
     """
-    import tempfile
+    from onnxruntime.quantization.calibrate import save_tensors_data
 
-    from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
-
-    with tempfile.TemporaryDirectory(prefix="vl-export-calib-") as tmp:
-        calibrator = create_calibrator(
-            src, list(op_types), augmented_model_path=str(Path(tmp) / "augmented.onnx"),
-            calibrate_method=_ort_method(method), use_external_data_format=_big(src),
-            providers=["CPUExecutionProvider"],
-            extra_options={"symmetric": True, "percentile": 99.999},  # TensorRT wants symmetric ranges
-        )
-        lean_session(calibrator)
+    with lean_calibrator(src, op_types, method) as calibrator:
         seen = 0
         for feed in feeds():
             calibrator.collect_data(_Reader(lambda feed=feed: [feed]))
@@ -174,15 +207,17 @@ def dynamic_int8(src: Path, dst: Path) -> None:
 
 
 def fused_dynamic_int8(src: Path, dst: Path) -> None:
-    """The ONNX Runtime vision variant: attention and GELU fused into ORT's kernels, then dynamic INT8."""
-    import tempfile
-
+    """The ONNX Runtime vision variant: attention and GELU fused into ORT's kernels, then dynamic INT8. The fused
+    fp32 graph is written beside `src` and shares its external data (removed after), so neither step holds the
+    fp32 weights whole: dynamic_int8 reads them one at a time."""
     from .ort_fusions import fuse_for_onnxruntime
 
-    with tempfile.TemporaryDirectory(prefix="vl-export-fuse-") as tmp:
-        fused = Path(tmp) / src.name
+    fused = src.with_name(src.stem + ".fused.onnx")
+    try:
         fuse_for_onnxruntime(src, fused)
         dynamic_int8(fused, dst)
+    finally:
+        fused.unlink(missing_ok=True)
 
 
 def weight_only_int8(src: Path, dst: Path) -> int:

@@ -15,8 +15,8 @@ that only one full-precision copy of the weights is ever resident.
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Collection
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,22 +50,11 @@ class _Recording:
 class GraphRanges:
     """ONNX Runtime's calibrator for one graph, fed one input at a time; `add` returns the graph's own outputs."""
 
-    def __init__(self, src: Path, method: str, op_types: tuple[str, ...], scratch: Path):
-        from onnxruntime.quantization.calibrate import create_calibrator
-
-        from .quantize import _big, _ort_method, lean_session
+    def __init__(self, src: Path, method: str, op_types: tuple[str, ...], stack: ExitStack):
+        from .quantize import lean_calibrator
 
         self.seen = 0
-        self._calibrator = create_calibrator(
-            src, list(op_types), augmented_model_path=str(scratch / f"{src.stem}.augmented.onnx"),
-            calibrate_method=_ort_method(method), use_external_data_format=_big(src),
-            providers=["CPUExecutionProvider"],
-            extra_options={"symmetric": True, "percentile": 99.999},  # as quantize.calibrate: TensorRT wants symmetric
-        )
-        # The calibrator keeps the whole fp32 model it augmented; it only reads the graph's outputs from it, which
-        # it has noted already. Dropping it halves this step's memory (the session holds its own copy).
-        self._calibrator.model = None
-        lean_session(self._calibrator)
+        self._calibrator = stack.enter_context(lean_calibrator(src, op_types, method))
         outputs = tuple(o.name for o in self._calibrator.infer_session.get_outputs()[: self._calibrator.num_model_outputs])
         self._session = _Recording(self._calibrator.infer_session, outputs)
         self._calibrator.infer_session = self._session
@@ -115,10 +104,10 @@ def calibrate_vision_and_projector(job: VisionCalibration, tiles: Collection[np.
               if cache.is_file()]
     if len(reused) == 2:
         return reused
-    with tempfile.TemporaryDirectory(prefix="vl-export-calib-") as tmp:
-        vision = None if "vision_encoder" in reused else GraphRanges(job.vision, method, VISION_OP_TYPES, Path(tmp))
+    with ExitStack() as stack:  # the calibrators' augmented graphs are removed on the way out
+        vision = None if "vision_encoder" in reused else GraphRanges(job.vision, method, VISION_OP_TYPES, stack)
         plain = _plain_session(job.vision) if vision is None else None  # features only, for the projector
-        projector = None if "projector" in reused else GraphRanges(job.projector, method, VISION_OP_TYPES, Path(tmp))
+        projector = None if "projector" in reused else GraphRanges(job.projector, method, VISION_OP_TYPES, stack)
         for tile in counted(tiles, progress, "calibrating", "tiles"):
             feed = {"pixel_values": tile}
             features = vision.add(feed) if vision is not None else dict(zip(["vision_features"], plain.run(["vision_features"], feed)))

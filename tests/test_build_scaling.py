@@ -70,6 +70,8 @@ def test_lean_calibration_session_gives_onnxruntimes_untouched_ranges(bundle_fp3
         def get_next(self):
             return next(self.feeds, None)
 
+    import onnx
+
     untouched = create_calibrator(src, list(ops), augmented_model_path=str(tmp_path / "augmented.onnx"),
                                   calibrate_method=CalibrationMethod.MinMax, extra_options={"symmetric": True})
     assert untouched.infer_session.get_session_options().enable_mem_pattern  # ONNX Runtime's own defaults
@@ -80,10 +82,18 @@ def test_lean_calibration_session_gives_onnxruntimes_untouched_ranges(bundle_fp3
     assert not options.enable_mem_pattern and not options.enable_cpu_mem_arena
     assert options.execution_order == ort.ExecutionOrder.PRIORITY_BASED
     quantize.calibrate(src, lambda: data.vision_feeds(pipe), "minmax", tmp_path / "lean.json", ops)
-    want, got = ranges_of(tmp_path / "ort.json"), ranges_of(tmp_path / "lean.json")
-    assert want.keys() == got.keys() and len(want) >= 4
-    for name in want:
-        np.testing.assert_allclose(got[name], want[name], rtol=1e-6, atol=1e-7, err_msg=name)
+    # The build's large graphs keep their weights in external data, which the lean calibrator never loads itself.
+    external = tmp_path / "external" / "vision_encoder.onnx"
+    external.parent.mkdir()
+    onnx.save_model(onnx.load(str(src)), str(external), save_as_external_data=True, location=external.name + ".data",
+                    size_threshold=256)  # as the exporter's onnx_ir.save: shape constants stay inline
+    quantize.calibrate(external, lambda: data.vision_feeds(pipe), "minmax", tmp_path / "external.json", ops)
+    assert sorted(p.name for p in external.parent.iterdir()) == ["vision_encoder.onnx", "vision_encoder.onnx.data"]
+    want = ranges_of(tmp_path / "ort.json")
+    for got in (ranges_of(tmp_path / "lean.json"), ranges_of(tmp_path / "external.json")):
+        assert want.keys() == got.keys() and len(want) >= 4
+        for name in want:
+            np.testing.assert_allclose(got[name], want[name], rtol=1e-6, atol=1e-7, err_msg=name)
 
 
 def test_one_pass_reuses_a_cached_graph_and_calibrates_only_the_other(bundle_fp32, tmp_path):
@@ -229,6 +239,43 @@ def test_streamed_dynamic_int8_writes_onnxruntimes_quantize_dynamic_graph(bundle
             for f in ("ort.onnx", "ours.onnx")]
     for want, got in zip(*runs):
         assert np.array_equal(got, want)
+
+
+def test_the_fused_vision_variant_reads_the_weights_from_its_sources_data(bundle_fp32, tmp_path):
+    """The ONNX Runtime vision variant of a graph whose weights are in external data (as the build's vision encoder
+    is) fuses the graph alone, pointing into the source's data file, and quantizes weight by weight: the same graph
+    and outputs to the bit as from the same graph held whole, and nothing of the fused fp32 graph is left behind."""
+    import onnx
+    import onnxruntime as ort
+
+    from vl_export.calibration import quantize
+    from vl_export.calibration.ort_fusions import fuse_for_onnxruntime
+    from vl_export.export.onnx_export import example_inputs, graph_io
+    from vl_export.manifest import Manifest
+
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    src = staging / "vision_encoder.onnx"
+    model = onnx.load(str(bundle_fp32 / "vision_encoder.onnx"))
+    onnx.save_model(model, str(src), save_as_external_data=True, location=src.name + ".data", size_threshold=0)
+    quantize.fused_dynamic_int8(bundle_fp32 / "vision_encoder.onnx", tmp_path / "whole.onnx")
+    quantize.fused_dynamic_int8(src, staging / "streamed.onnx")
+    assert sorted(p.name for p in staging.iterdir()) == ["streamed.onnx", "vision_encoder.onnx", "vision_encoder.onnx.data"]
+    elsewhere = tmp_path / "elsewhere" / "fused.onnx"  # a fused graph written away from its source takes the weights
+    elsewhere.parent.mkdir()
+    assert fuse_for_onnxruntime(src, elsewhere)["MultiHeadAttention"] >= 1
+    want_ops, want_init = _graph_parts(tmp_path / "whole.onnx")
+    got_ops, got_init = _graph_parts(staging / "streamed.onnx")
+    assert got_ops == want_ops and got_ops["MultiHeadAttention"] >= 1 and got_ops["MatMulInteger"] >= 4
+    assert got_init.keys() == want_init.keys()
+    for key, want in want_init.items():
+        assert np.array_equal(got_init[key], want), key
+    feeds = example_inputs(graph_io("vision_encoder", Manifest.load(bundle_fp32).model, "fp32")[0], seed=3)
+    runs = [ort.InferenceSession(str(f), providers=["CPUExecutionProvider"]).run(None, feeds)
+            for f in (tmp_path / "whole.onnx", staging / "streamed.onnx", elsewhere)]
+    assert np.array_equal(runs[1][0], runs[0][0])
+    plain = ort.InferenceSession(str(bundle_fp32 / "vision_encoder.onnx"), providers=["CPUExecutionProvider"]).run(None, feeds)
+    np.testing.assert_allclose(runs[2][0], plain[0], rtol=1e-4, atol=1e-4)  # the fused fp32 graph computes the same
 
 
 @pytest.mark.parametrize("layout", ["original", "native"])
