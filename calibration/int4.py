@@ -49,23 +49,41 @@ def lm_head_node(model: onnx.ModelProto) -> str:
 
 def _quantize(src: Path, dst: Path, block_size: int, symmetric: bool, accuracy_level: int | None, qdq: bool,
               exclude: list[str]) -> None:
+    """MatMulNBitsQuantizer over the graph alone: each fp32 weight is read from `src`'s external data when its
+    MatMul is quantized (the quantizer reads weights through onnx_ir, which maps the file), so the step holds the
+    4-bit graph and one fp32 weight instead of the whole fp32 decoder. What stays float comes in at the end."""
+    from onnx.external_data_helper import ExternalDataInfo, load_external_data_for_model, uses_external_data
     from onnxruntime.quantization import QuantFormat
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     logging.getLogger().setLevel(logging.ERROR)  # the quantizer logs every node at INFO
-    model = onnx.load(str(src))
+    model = onnx.load(str(src), load_external_data=False)
+    data_dir = src.parent.resolve()
+    external = [t for t in model.graph.initializer if uses_external_data(t)]
+    for tensor in external:  # absolute while the quantizer reads them (it knows no base directory)
+        _set_location(tensor, str(data_dir / ExternalDataInfo(tensor).location))
     quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=block_size, is_symmetric=symmetric,
                                      accuracy_level=accuracy_level, nodes_to_exclude=exclude,
                                      quant_format=QuantFormat.QDQ if qdq else QuantFormat.QOperator,
                                      op_types_to_quantize=("MatMul",))
     quantizer.process()
     out = quantizer.model.model
+    for tensor in out.graph.initializer:
+        if uses_external_data(tensor):
+            _set_location(tensor, str(Path(ExternalDataInfo(tensor).location).relative_to(data_dir)))
+    load_external_data_for_model(out, str(data_dir))
     size = sum(t.ByteSize() for t in out.graph.initializer)
     if size > EXTERNAL_DATA_BYTES:
         onnx.save_model(out, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=dst.name + ".data")
     else:
         onnx.save_model(out, str(dst))
+
+
+def _set_location(tensor: onnx.TensorProto, location: str) -> None:
+    for entry in tensor.external_data:
+        if entry.key == "location":
+            entry.value = location
 
 
 def matmul_nbits(src: Path, dst: Path, block_size: int = 32, accuracy_level: int = 4, symmetric: bool = True,
@@ -78,16 +96,15 @@ def matmul_nbits(src: Path, dst: Path, block_size: int = 32, accuracy_level: int
         return
     import tempfile
 
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from .dynamic import dynamic_int8
 
     with tempfile.TemporaryDirectory(prefix="vl-export-int4-", dir=dst.parent) as tmp:
         staged = Path(tmp) / dst.name
         _quantize(src, staged, block_size, symmetric, accuracy_level, qdq=False, exclude=[head])
-        # 7-bit lm_head weights, as quantize.dynamic_int8: no int16 saturation on CPUs without int8 dot products
-        quantize_dynamic(str(staged), str(dst), weight_type=QuantType.QInt8, per_channel=True, reduce_range=True,
-                         nodes_to_quantize=[head], op_types_to_quantize=["MatMul"],
-                         use_external_data_format=sum(f.stat().st_size for f in Path(tmp).iterdir()) > EXTERNAL_DATA_BYTES,
-                         extra_options={"MatMulConstBOnly": True})
+        # The only fp32 weight MatMul left is lm_head: ONNX Runtime's dynamic INT8 for it, with 7-bit weights as
+        # quantize.dynamic_int8 (no int16 saturation on CPUs without int8 dot products).
+        if dynamic_int8(staged, dst) != 1:
+            raise RuntimeError("expected lm_head to be the one fp32 MatMul left after INT4")
 
 
 def blocked_qdq(src: Path, dst: Path, block_size: int = 32, symmetric: bool = True) -> None:

@@ -278,6 +278,23 @@ def test_the_fused_vision_variant_reads_the_weights_from_its_sources_data(bundle
     np.testing.assert_allclose(runs[2][0], plain[0], rtol=1e-4, atol=1e-4)  # the fused fp32 graph computes the same
 
 
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_the_embedding_table_is_written_in_chunks_to_the_file_np_save_writes(tiny, tmp_path, monkeypatch, precision):
+    """write_embeddings converts and writes a chunk of rows at a time (no whole fp32 and converted copies beside the
+    model): byte for byte the .npy np.save writes from the whole table, chunks not dividing the vocabulary."""
+    from vl_export.export import bundle
+
+    ck = bundle.load_checkpoint(str(tiny["original"]), lambda _: None, stored_dtype=True)
+    monkeypatch.setattr(bundle, "EMBED_CHUNK_ROWS", 7)
+    entry = bundle.write_embeddings(ck.model, tmp_path, precision)
+    weight = ck.model.model.language_model.embed_tokens.weight.detach()
+    want = weight.float().numpy().astype(np.float32 if precision == "fp32" else np.float16)
+    assert weight.shape[0] % 7 != 0
+    np.save(tmp_path / "want.npy", want)
+    assert (tmp_path / entry["file"]).read_bytes() == (tmp_path / "want.npy").read_bytes()
+    assert entry == {"file": entry["file"], "dtype": str(want.dtype), "shape": list(want.shape)}
+
+
 @pytest.mark.parametrize("layout", ["original", "native"])
 def test_a_bf16_checkpoint_is_held_in_bf16_and_exports_the_graphs_of_its_fp32_load(tiny, tmp_path, layout, monkeypatch):
     """The exporter keeps a bf16 checkpoint in bf16 and upcasts each graph's weights just before its export: the

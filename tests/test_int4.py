@@ -81,6 +81,35 @@ def test_blocked_qdq_is_opset_21_int4_and_openvino_reads_it(decoder_fp32, feeds,
     assert (ov_q.argmax(-1) == ort_q.argmax(-1)).mean() >= 0.75
 
 
+@pytest.mark.parametrize("form", ["matmul_nbits int4 head", "matmul_nbits int8 head", "blocked_qdq"])
+def test_int4_of_a_graph_in_external_data_reads_it_weight_by_weight_to_the_same_graph(decoder_fp32, feeds, tmp_path, form):
+    """The build's decoders keep their weights in external data, which the INT4 quantizers read one weight at a time
+    (no whole fp32 decoder in memory): the same initializers, to the bit, and the same logits as from the graph held
+    whole, and the source's data file is left as it was."""
+    src, _ = decoder_fp32
+    external = tmp_path / "src" / "decoder.onnx"
+    external.parent.mkdir()
+    onnx.save_model(onnx.load(str(src)), str(external), save_as_external_data=True, location="decoder.onnx.data",
+                    size_threshold=256)  # as the exporter's onnx_ir.save
+    data = (external.parent / "decoder.onnx.data").read_bytes()
+    if form == "blocked_qdq":
+        make = lambda s, d: int4.blocked_qdq(s, d, block_size=32)
+    else:
+        make = lambda s, d: int4.matmul_nbits(s, d, block_size=32, accuracy_level=4, lm_head=form.split()[1])
+    make(src, tmp_path / "whole.onnx")
+    make(external, tmp_path / "streamed.onnx")
+    assert (external.parent / "decoder.onnx.data").read_bytes() == data
+    assert sorted(p.name for p in external.parent.iterdir()) == ["decoder.onnx", "decoder.onnx.data"]
+    whole, streamed = (onnx.load(str(tmp_path / f)) for f in ("whole.onnx", "streamed.onnx"))
+    assert [n.op_type for n in streamed.graph.node] == [n.op_type for n in whole.graph.node]
+    want = {t.name: numpy_helper.to_array(t) for t in whole.graph.initializer}
+    got = {t.name: numpy_helper.to_array(t) for t in streamed.graph.initializer}
+    assert got.keys() == want.keys()
+    for name in want:
+        assert np.array_equal(got[name], want[name]), name
+    assert np.array_equal(ort_logits(tmp_path / "streamed.onnx", feeds), ort_logits(tmp_path / "whole.onnx", feeds))
+
+
 def test_int4_settings_out_of_range_are_user_errors(decoder_fp32, tmp_path):
     src, _ = decoder_fp32
     with pytest.raises(InputError, match="block size 48"):
