@@ -1,12 +1,15 @@
 """Which decoder graphs a quantized build ships beside the portable one, and from what source.
 
-ONNX Runtime's decoder variants (dynamic INT8, INT4 MatMulNBits) are made from the in-place-cache decoder
-(graphs_inplace.py), exported while the torch model is still loaded; the portable decoders (weight-only INT8 or
-blocked INT4 Q/DQ, for OpenVINO and TensorRT) keep today's concatenating graph. The INT4 settings below were
-chosen by measurement (README, "INT4"): block 32 is the most accurate of 32/64/128 at a decode speed within the
-noise of the others, symmetric, accuracy level 4 (int8 compute) is the fastest level here, and lm_head is 4-bit:
-+26% decode against the 8-bit head on the same-size 1B with the demo model's task accuracy unchanged
-(`--int4-lm-head int8` keeps it 8-bit, for logits closer to fp32; README "INT4").
+ONNX Runtime's decoder variants (dynamic INT8, INT4 MatMulNBits) are made from the GroupQueryAttention decoder with an
+in-place cache (graphs_gqa.py), built from the weights while the torch model is still loaded; it replaced the
+torch-exported in-place decoder (graphs_inplace.py, which older bundles still ship and the runtime still runs)
+because it measured faster per decode step at both precisions (README, "GroupQueryAttention decoder, measured").
+The portable decoders (weight-only INT8 or blocked INT4 Q/DQ, for OpenVINO and TensorRT) keep today's
+concatenating graph. The INT4 settings below were chosen by measurement (README, "INT4"): block 32 is the most
+accurate of 32/64/128 at a decode speed within the noise of the others, symmetric, accuracy level 4 (int8 compute)
+is the fastest level here, and lm_head is 4-bit: +26% decode against the 8-bit head on the same-size 1B with the
+demo model's task accuracy unchanged (`--int4-lm-head int8` keeps it 8-bit, for logits closer to fp32; README
+"INT4").
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from vl_export.errors import InputError
 from vl_export.files import Progress, step
 from vl_export.manifest import GraphEntry
 
-INPLACE = "decoder (in-place cache)"  # the step name of the in-place fp32 source in build.quantize_bundle
+INPLACE = "decoder (GQA, in-place cache)"  # the step name of the in-place fp32 source in build.quantize_bundle
 INPLACE_FILE = "decoder.inplace-fp32.onnx"  # staged only during the build
 INT4_BLOCK_SIZE = 32
 INT4_ACCURACY_LEVEL = 4
@@ -39,13 +42,14 @@ def check_int4(config) -> None:
 
 
 def export_inplace_source(ck, staging: Path, backend: str, progress: Progress) -> GraphEntry | None:
-    """The fp32 in-place decoder for ONNX Runtime's variants (None when the build is not for ONNX Runtime)."""
+    """The fp32 source of ONNX Runtime's decoder variants (None when the build is not for ONNX Runtime): the
+    GroupQueryAttention decoder built from the weights (graphs_gqa.py), for both decoder families."""
     if backend != "onnxruntime":
         return None
-    from .graphs_inplace import export_inplace_decoder
+    from .graphs_gqa import build_gqa_decoder
 
-    with step(progress, "exporting the decoder with an in-place KV cache (for ONNX Runtime)"):
-        return export_inplace_decoder(ck.model, ck.spec, "fp32", staging / INPLACE_FILE)
+    with step(progress, "building the decoder with GroupQueryAttention and an in-place KV cache (for ONNX Runtime)"):
+        return build_gqa_decoder(ck.model, ck.spec, staging / INPLACE_FILE)
 
 
 def int4_steps(inplace: GraphEntry | None, lm_head: str | None = None) -> list[tuple]:

@@ -37,6 +37,13 @@ def bundle_fp16(tiny, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def bundle_gqa(tiny, bundle_fp32, tmp_path_factory):
+    from tiny_models import add_gqa_decoder
+
+    return add_gqa_decoder(tiny["original"], bundle_fp32, tmp_path_factory.mktemp("bundles") / "gqa")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory):
     """random:<preset> checkpoints go to a per-session cache, never the user's."""

@@ -60,6 +60,9 @@ def test_int8_bundle_runs_in_the_runtime(bundle_int8):
     image = Image.fromarray(np.random.default_rng(3).integers(0, 256, (450, 900, 3), dtype=np.uint8))  # 2x1 + thumbnail
     pipe = Pipeline.from_bundle(bundle_int8)
     assert pipe.manifest.graph("decoder", "onnxruntime").file == "decoder.ort-int8.onnx"
+    from vl_export.runtime.backends.ort_inplace import OrtGqaDecoder
+
+    assert pipe.manifest.graph("decoder", "onnxruntime").form == "gqa" and isinstance(pipe.decoder, OrtGqaDecoder)
     result = pipe.chat("Describe the image.", images=image, generation=GenerationConfig(max_new_tokens=8))
     assert len(result.token_ids) == 8 and result.timings.tiles == 3
 
@@ -110,10 +113,10 @@ def test_qdq_nodes_sit_exactly_where_the_recipe_says(bundle_int8, tiny):
 def test_build_reports_time_and_peak_memory_per_step_largest_graph_first(bundle_int8):
     done = [line for line in BUILD_LINES if ": done in " in line]
     assert len(done) >= 10 and all(" s, peak RSS " in line and line.endswith(" GiB") for line in done)
-    exported = [line.split(" (")[0] for line in done if line.startswith("exporting ")]
-    # The ORT variants' in-place decoder first, while the decoder's weights are still loaded; then largest first.
-    assert exported == ["exporting the decoder with an in-place KV cache", "exporting decoder", "exporting vision_encoder",
-                        "exporting projector"]
+    exported = [line.split(" (")[0] for line in done if line.startswith(("exporting ", "building the decoder"))]
+    # The ORT variants' GQA decoder first, while the decoder's weights are still loaded; then largest first.
+    assert exported == ["building the decoder with GroupQueryAttention and an in-place KV cache", "exporting decoder",
+                        "exporting vision_encoder", "exporting projector"]
     assert any(line.startswith("calibrating: ") and " tiles" in line for line in BUILD_LINES)  # counted progress
 
 

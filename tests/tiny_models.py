@@ -217,3 +217,22 @@ def make_tiny(root: Path, config: dict | None = None, seed: int = 0, native: boo
         "original": write_original(model, config, root / "tokenizer", root / "original"),
         "native": write_native(model, root / "tokenizer", root / "native") if native else None,
     }
+
+
+def add_gqa_decoder(checkpoint_dir, bundle, out):
+    """`bundle` copied to `out` plus the GroupQueryAttention decoder (export/graphs_gqa.py) as its ONNX Runtime
+    variant, as a quantized build ships it (here in fp32, to compare with the other fp32 graphs)."""
+    import dataclasses
+    import shutil
+
+    from vl_export.export.bundle import load_checkpoint, with_hashes
+    from vl_export.export.graphs_gqa import build_gqa_decoder
+    from vl_export.manifest import Manifest
+
+    shutil.copytree(bundle, out)
+    ck = load_checkpoint(str(checkpoint_dir), lambda _: None)
+    entry = build_gqa_decoder(ck.model, ck.spec, out / "decoder.ort-gqa.onnx")
+    manifest = Manifest.load(out)
+    manifest.graphs.append(with_hashes(dataclasses.replace(entry, backends=("onnxruntime",)), out))
+    manifest.save(out)
+    return out

@@ -43,6 +43,10 @@ class GraphEntry:
     backends: tuple[str, ...] | None = None  # None: any backend; else only these (a backend-specific variant)
     sha256: str | None = None
     data_sha256: str | None = None  # the ONNX external data file `<file>.data`, when the graph has one
+    # How the graph was made, where its IO alone does not say: None for the exported graphs, "gqa" for the ONNX
+    # Runtime decoder built from the weights with GroupQueryAttention (export/graphs_gqa.py). Left out of the JSON
+    # when None, so bundles without it read as before.
+    form: str | None = None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GraphEntry:
@@ -105,6 +109,9 @@ class Manifest:
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["model"] = self.model.to_dict()
+        for graph in data["graphs"]:
+            if graph["form"] is None:
+                del graph["form"]
         return {"schema_version": self.schema_version, **{k: v for k, v in data.items() if k != "schema_version"}}
 
     def save(self, bundle: Path) -> None:

@@ -20,6 +20,7 @@ PRECISIONS = ("fp32", "fp16", "int8", "int4")
 FLOAT_DTYPES = ("float32", "float16")
 REQUIRED_TOKENS = ("<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>")
 END_OF_TEXT_TOKENS = ("<|endoftext|>", "</s>")  # Qwen2's end of text, InternLM2's: one of them must be named
+GRAPH_FORMS = ("gqa",)  # GraphEntry.form values; gqa: the ONNX Runtime decoder with GroupQueryAttention
 SYMBOLIC_AXES = ("tiles", "batch", "seq", "past", "total", "num_logits", "capacity")
 # Far beyond any InternVL2.5 (12 tiles of 448, 32k context) yet small enough that nothing downstream hangs or
 # asks the allocator for terabytes: the tiling search is O(max_tiles log max_tiles), the KV cache is per position.
@@ -170,6 +171,24 @@ def check_graph(graph: dict, where: str, bundle: Path, model: dict) -> None:
             raise fail(f"{where}.{field}", f"lacks {missing[0]} (is this the {role} graph?)")
     if role == "decoder":
         check_kv(inputs, outputs, where, mapping(model.get("text"), "model.text"))
+    if graph.get("form") is not None:
+        check_form(graph, inputs, where)
+
+
+def check_form(graph: dict, inputs: dict, where: str) -> None:
+    """A gqa decoder (export/graphs_gqa.py) has the in-place decoder's IO (check_kv holds it to that once it has
+    write_positions), an fp32 cache, and runs only on ONNX Runtime (its attention, norms and rotary are
+    com.microsoft operators)."""
+    form = graph["form"]
+    if form not in GRAPH_FORMS:
+        raise fail(f"{where}.form", f"must be null or one of {', '.join(GRAPH_FORMS)}, got {form!r:.40}")
+    if graph["role"] != "decoder" or "write_positions" not in inputs:
+        raise fail(f"{where}.form", f"is {form} but the graph is not an in-place decoder ({graph['role']})")
+    if graph.get("backends") != ["onnxruntime"]:
+        raise fail(f"{where}.backends", f"must be [\"onnxruntime\"] for a {form} decoder, got {graph.get('backends')!r:.60}")
+    kv = [t for name, t in inputs.items() if name.startswith("past_key_values.")]
+    if any(t["dtype"] != "float32" for t in kv):
+        raise fail(f"{where}.inputs", f"a {form} decoder's cache is float32")
 
 
 def tensors(value: Any, field: str) -> dict[str, dict]:

@@ -67,12 +67,13 @@ class OrtBackend(Backend):
 
     def open_decoder(self, bundle: Path, entry: GraphEntry) -> DecoderSession:
         if is_inplace(entry):
-            from .ort_inplace import OrtInplaceDecoder
+            from .ort_inplace import OrtGqaDecoder, OrtInplaceDecoder
 
             if self.device != "cpu":
                 raise BackendUnavailableError(f"{entry.file} (the in-place cache decoder) runs on ONNX Runtime's CPU "
                                               "provider only; it has not been checked on CUDA")
-
+            if entry.form == "gqa":
+                return OrtGqaDecoder(self._session(bundle / entry.file), entry, self)
             return OrtInplaceDecoder(self._session(bundle / entry.file), entry, self)
         return OrtDecoder(self._session(bundle / entry.file), entry, self)
 

@@ -1,4 +1,5 @@
-"""ONNX Runtime session (CPU) for the in-place decoder graph: one (b, kv_heads, capacity, d) host buffer per KV tensor,
+"""ONNX Runtime sessions (CPU) for the in-place decoder graphs (export/graphs_inplace.py, and export/graphs_gqa.py's
+GroupQueryAttention form, which has the same IO): one (b, kv_heads, capacity, d) host buffer per KV tensor,
 bound as both `past_key_values.*` and `present.*`, so a step writes only its new positions (ScatterElements skips its
 copy when input and output are the same memory) and nothing is swapped, allocated or copied per step.
 
@@ -100,3 +101,39 @@ class OrtInplaceDecoder(DecoderSession):
             view[:, :, :past] = array
         self.mask[:, :past] = 1  # forward() overwrites these with the caller's attention mask (padding included)
         self.past_len = past
+
+
+class OrtGqaDecoder(OrtInplaceDecoder):
+    """The GroupQueryAttention decoder (export/graphs_gqa.py): the same IO and buffers, but the operator writes a row's
+    new positions at write_positions[:, -1] - s + 1 .. write_positions[:, -1], so each row's write positions must be
+    consecutive (a scatter to arbitrary slots is refused, not approximated). Its graph is checked against the
+    manifest when the session opens: the bundle is untrusted, and a GQA graph with other IO would write elsewhere."""
+
+    def __init__(self, session, entry: GraphEntry, backend):
+        super().__init__(session, entry, backend)
+        _check_session_io(session, entry)
+
+    def forward_at(self, inputs_embeds, mask, position_ids, logits_positions, write_positions) -> np.ndarray:
+        write = np.asarray(write_positions)
+        if write.shape[1] > 1 and (np.diff(write, axis=1) != 1).any():
+            raise ValueError("the GroupQueryAttention decoder writes each row's new positions consecutively; "
+                             f"got write positions {write.tolist()!r:.200}")
+        return super().forward_at(inputs_embeds, mask, position_ids, logits_positions, write_positions)
+
+
+ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "int64": "tensor(int64)"}
+
+
+def _check_session_io(session, entry: GraphEntry) -> None:
+    """The graph's IO names, element types and fixed sizes, in order, are the manifest's."""
+    from vl_export.errors import BundleError
+
+    for kind, specs, nodes in (("inputs", entry.inputs, session.get_inputs()), ("outputs", entry.outputs, session.get_outputs())):
+        if len(nodes) != len(specs):
+            raise BundleError(f"{entry.file} has {len(nodes)} {kind}, its manifest entry {len(specs)}")
+        for spec, node in zip(specs, nodes):
+            fixed = [d if isinstance(d, int) else None for d in spec.shape]
+            shape = [d if isinstance(d, int) else None for d in node.shape]
+            if (node.name, node.type, shape) != (spec.name, ORT_TYPES.get(spec.dtype), fixed):
+                raise BundleError(f"{entry.file}'s {kind} do not match its manifest entry: graph {node.name} "
+                                  f"{node.type} {node.shape}, manifest {spec.name} {spec.dtype} {list(spec.shape)}")
