@@ -238,3 +238,13 @@ def test_gqa_graph_quantizes_to_int4_and_dynamic_int8_close_to_fp32(bundle_gqa, 
         cos = float((got * want).sum() / np.linalg.norm(got) / np.linalg.norm(want))
         assert cos > bar, (precision, cos)
         assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.5, precision
+
+
+def test_a_gqa_bundle_is_refused_by_an_onnxruntime_older_than_the_one_it_was_checked_on(bundle_gqa, monkeypatch):
+    import onnxruntime
+
+    from vl_export.errors import BackendUnavailableError
+
+    monkeypatch.setattr(onnxruntime, "__version__", "1.31.2")
+    with pytest.raises(BackendUnavailableError, match=r"needs onnxruntime >= 1\.32, this is 1\.31\.2"):
+        Pipeline.from_bundle(bundle_gqa, threads=1)

@@ -27,6 +27,19 @@ def _import_ort():
     return onnxruntime
 
 
+# The GroupQueryAttention decoder relies on ONNX Runtime reading every position id of a prompt when query_seqlens is
+# given (export/graphs_gqa.py; held by tests/test_gqa_decoder.py on 1.32). Older releases were not checked: refused.
+GQA_MIN_ORT = (1, 32)
+
+
+def _check_gqa_support(version: str, entry: GraphEntry) -> None:
+    numbers = tuple(int(part) for part in version.split(".")[:2] if part.isdigit())
+    if numbers < GQA_MIN_ORT:
+        raise BackendUnavailableError(
+            f"{entry.file} (the GroupQueryAttention decoder) needs onnxruntime >= {'.'.join(map(str, GQA_MIN_ORT))}, "
+            f"this is {version} (pip install 'onnxruntime>=1.32')")
+
+
 class OrtBackend(Backend):
     name = "onnxruntime"
 
@@ -73,6 +86,7 @@ class OrtBackend(Backend):
                 raise BackendUnavailableError(f"{entry.file} (the in-place cache decoder) runs on ONNX Runtime's CPU "
                                               "provider only; it has not been checked on CUDA")
             if entry.form == "gqa":
+                _check_gqa_support(_import_ort().__version__, entry)
                 return OrtGqaDecoder(self._session(bundle / entry.file), entry, self)
             return OrtInplaceDecoder(self._session(bundle / entry.file), entry, self)
         return OrtDecoder(self._session(bundle / entry.file), entry, self)
