@@ -44,6 +44,19 @@ def bundle_gqa(tiny, bundle_fp32, tmp_path_factory):
     return add_gqa_decoder(tiny["original"], bundle_fp32, tmp_path_factory.mktemp("bundles") / "gqa")
 
 
+@pytest.fixture(scope="session")
+def internlm2_gqa_bundles(tmp_path_factory):
+    """An InternLM2 tiny model (the 2B's decoder family): its fp32 bundle, and that bundle with the GQA decoder."""
+    from tiny_models import TINY_INTERNLM2_LLM, add_gqa_decoder, make_tiny, member_config
+
+    from vl_export.export.bundle import export_bundle
+
+    root = tmp_path_factory.mktemp("internlm2-gqa")
+    tiny = make_tiny(root, member_config(llm=TINY_INTERNLM2_LLM), native=False)
+    export_bundle(str(tiny["original"]), root / "fp32", precision="fp32", progress=lambda _: None)
+    return root / "fp32", add_gqa_decoder(tiny["original"], root / "fp32", root / "gqa")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory):
     """random:<preset> checkpoints go to a per-session cache, never the user's."""

@@ -1,7 +1,8 @@
-"""The GroupQueryAttention decoder (export/graphs_gqa.py, runtime/backends/ort_inplace.py's OrtGqaDecoder) against
-today's fp32 graphs on ONNX Runtime, for both decoder families (Qwen2, InternLM2): same greedy tokens, logits and
-cache to float rounding, rows of one buffer at different lengths equal to each row alone; and the manifest and
-session checks that keep a bundle's GQA graph honest. Engine batching with it runs in test_engine.py."""
+"""What only the GroupQueryAttention decoder (export/graphs_gqa.py, runtime/backends/ort_inplace.py's OrtGqaDecoder)
+has: its fused graph for both decoder families (Qwen2, InternLM2), the write positions it refuses, and the manifest
+and session checks that keep a bundle's GQA graph honest. Its parity with today's fp32 graphs (greedy tokens, logits
+and cache, rows of one buffer at different lengths) runs in test_inplace_cache.py, engine batching in
+test_engine.py."""
 
 from __future__ import annotations
 
@@ -11,37 +12,16 @@ import shutil
 import numpy as np
 import onnx
 import pytest
-from PIL import Image
 
-from tiny_models import add_gqa_decoder
 from vl_export.errors import BundleError
 from vl_export.manifest import Manifest
-from vl_export.runtime import GenerationConfig, Pipeline
+from vl_export.runtime import Pipeline
 from vl_export.runtime.backends.ort_inplace import OrtGqaDecoder
-
-NEW_TOKENS = 24
-
-
-def image(width, height, seed):
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
-
-
-@pytest.fixture(scope="module")
-def internlm2_bundles(tmp_path_factory):
-    """An InternLM2 tiny model (the 2B's decoder family): its fp32 bundle, and that bundle with the GQA decoder."""
-    from tiny_models import TINY_INTERNLM2_LLM, make_tiny, member_config
-    from vl_export.export.bundle import export_bundle
-
-    root = tmp_path_factory.mktemp("internlm2-gqa")
-    tiny = make_tiny(root, member_config(llm=TINY_INTERNLM2_LLM), native=False)
-    export_bundle(str(tiny["original"]), root / "fp32", precision="fp32", progress=lambda _: None)
-    return root / "fp32", add_gqa_decoder(tiny["original"], root / "fp32", root / "gqa")
 
 
 @pytest.fixture(scope="module", params=["qwen2", "internlm2"])
 def pipes(request, bundle_fp32, bundle_gqa):
-    fp32, gqa = (bundle_fp32, bundle_gqa) if request.param == "qwen2" else request.getfixturevalue("internlm2_bundles")
+    fp32, gqa = (bundle_fp32, bundle_gqa) if request.param == "qwen2" else request.getfixturevalue("internlm2_gqa_bundles")
     return Pipeline.from_bundle(fp32, threads=2), Pipeline.from_bundle(gqa, threads=2)
 
 
@@ -60,86 +40,6 @@ def test_the_gqa_graph_is_chosen_and_fused(pipes):
     assert ops.count("SkipSimplifiedLayerNormalization") == 2 * layers and ops.count("SimplifiedLayerNormalization") == 1
     assert ops.count("MatMul") == 5 * layers + 1  # qkv, o, gate, up, down + lm_head: what the INT4 step quantizes
     assert "Softmax" not in ops and "ScatterElements" not in ops
-
-
-def test_gqa_greedy_tokens_equal_the_concatenating_graph(pipes):
-    concat, gqa = pipes
-    generation = GenerationConfig(max_new_tokens=NEW_TOKENS, ignore_eos=True)
-    for picture, question in ((image(900, 500, 3), "Describe the image."), (None, "Tell me a story.")):
-        want = concat.chat(question, images=picture, generation=generation).token_ids
-        got = gqa.chat(question, images=picture, generation=generation).token_ids
-        assert got == want and len(got) == NEW_TOKENS
-
-
-def test_gqa_batch_with_left_padding_equals_the_concatenating_graph(pipes):
-    concat, gqa = pipes
-    pictures = [image(1600, 500, 15), image(448, 448, 16)]
-    questions = ["What is shown?", "Describe it in detail please."]
-    generation = GenerationConfig(max_new_tokens=NEW_TOKENS, ignore_eos=True)
-    want = [r.token_ids for r in concat.batch_chat(questions, pictures, generation)]
-    assert [r.token_ids for r in gqa.batch_chat(questions, pictures, generation)] == want
-
-
-def test_gqa_logits_and_cache_match_step_by_step(pipes, monkeypatch):
-    from vl_export.runtime.backends import ort_inplace
-
-    monkeypatch.setattr(ort_inplace, "GROW_POSITIONS", 1)  # the view grows mid-run: kept positions copied over
-    concat, gqa = pipes
-    hidden = concat.manifest.model.text.hidden_size
-    rng = np.random.default_rng(0)
-    a, b = concat.decoder, gqa.decoder
-    a.reset(2, 12)
-    b.reset(2, 20)
-    mask = np.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]], np.int64)  # row 0 left-padded
-    positions = np.where(mask == 1, mask.cumsum(-1) - 1, 1)
-    for step in range(4):
-        s = mask.shape[1] if step == 0 else 1
-        embeds = rng.standard_normal((2, s, hidden)).astype(np.float32)
-        pos = positions if step == 0 else positions[:, -1:] + step
-        last = np.full((2, 1), s - 1, np.int64)
-        current = mask if step == 0 else np.concatenate([mask, np.ones((2, step), np.int64)], axis=1)
-        want, got = a.forward(embeds, current, pos, last), b.forward(embeds, current, pos, last)
-        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)  # measured: 2e-6 apart
-        assert (got.argmax(-1) == want.argmax(-1)).all()
-    assert b.capacity == 12
-    real = np.concatenate([mask, np.ones((2, 3), np.int64)], axis=1).astype(bool)  # (b, past)
-    for x, y in zip(a.cache(), b.cache()):
-        assert x.shape == y.shape
-        np.testing.assert_allclose(y.transpose(0, 2, 1, 3)[real], x.transpose(0, 2, 1, 3)[real], rtol=1e-5, atol=1e-5)
-
-
-def test_gqa_rows_of_one_buffer_at_different_lengths_equal_each_row_alone(pipes):
-    """Slots: row 0 holds a 6-token prompt, row 1 a 3-token one; while one row is prefilled the other writes into
-    masked scratch slots at the end of its buffer (consecutively: the form writes no other way)."""
-    concat, gqa = pipes
-    hidden = concat.manifest.model.text.hidden_size
-    rng = np.random.default_rng(1)
-    prompts = [rng.standard_normal((1, n, hidden)).astype(np.float32) for n in (6, 3)]
-    nxt = rng.standard_normal((2, 1, hidden)).astype(np.float32)
-    alone = []
-    for p, e in zip(prompts, nxt):
-        concat.decoder.reset(1, 8)
-        n = p.shape[1]
-        concat.decoder.forward(p, np.ones((1, n), np.int64), np.arange(n)[None], np.array([[n - 1]]))
-        alone.append(concat.decoder.forward(e[None], np.ones((1, n + 1), np.int64), np.array([[n]]), np.zeros((1, 1), np.int64)))
-    d = gqa.decoder
-    d.reset(2, 13)
-    d.ensure(13)
-    mask = np.zeros((2, d.capacity), np.int64)
-    for row, p in enumerate(prompts):
-        n = p.shape[1]
-        mask[row, :n] = 1
-        full = np.zeros((2, n, hidden), np.float32)
-        full[row] = p[0]
-        write = np.broadcast_to(np.arange(n), (2, n)).copy()
-        write[1 - row] = np.arange(d.capacity - n, d.capacity)  # scratch, past every row's real positions
-        d.forward_at(full, np.where(np.arange(2)[:, None] == row, mask, 0), np.broadcast_to(np.arange(n), (2, n)),
-                     np.full((2, 1), n - 1), write)
-    lengths = np.array([6, 3])
-    mask[np.arange(2), lengths] = 1
-    logits = d.forward_at(nxt, mask, lengths[:, None], np.zeros((2, 1), np.int64), lengths[:, None])
-    for row in range(2):
-        np.testing.assert_allclose(logits[row], alone[row][0], rtol=1e-4, atol=1e-4)
 
 
 def test_gqa_refuses_write_positions_it_cannot_honour(bundle_gqa):

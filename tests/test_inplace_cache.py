@@ -1,17 +1,15 @@
-"""The in-place KV cache decoder (export/graphs_inplace.py, runtime/backends/ort_inplace.py) against today's
-concatenating decoder graph, both fp32 on ONNX Runtime: same greedy tokens, same logits to float rounding, same
-cache, and rows of one buffer at different lengths (engine slots) equal to each row run alone."""
+"""The in-place KV cache decoders (the torch-exported export/graphs_inplace.py, and export/graphs_gqa.py's
+GroupQueryAttention form for both decoder families; runtime/backends/ort_inplace.py) against today's concatenating
+decoder graph, all fp32 on ONNX Runtime: same greedy tokens, same logits to float rounding, same cache, and rows of
+one buffer at different lengths (engine slots) equal to each row run alone. What only the GQA form has is in
+test_gqa_decoder.py."""
 
 from __future__ import annotations
-
-import dataclasses
-import shutil
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from vl_export.manifest import Manifest
 from vl_export.runtime import GenerationConfig, Pipeline
 
 NEW_TOKENS = 24
@@ -24,23 +22,19 @@ def image(width, height, seed):
 
 @pytest.fixture(scope="module")
 def inplace_bundle(tiny, bundle_fp32, tmp_path_factory):
-    """bundle_fp32 plus the in-place decoder as its ONNX Runtime variant (how a quantized build ships it)."""
-    from vl_export.export.bundle import load_checkpoint, with_hashes
-    from vl_export.export.graphs_inplace import export_inplace_decoder
+    """bundle_fp32 plus the torch-exported in-place decoder as its ONNX Runtime variant."""
+    from tiny_models import add_inplace_decoder
 
-    out = tmp_path_factory.mktemp("inplace") / "bundle"
-    shutil.copytree(bundle_fp32, out)
-    ck = load_checkpoint(str(tiny["original"]), lambda _: None)
-    entry = export_inplace_decoder(ck.model, ck.spec, "fp32", out / "decoder.ort-inplace.onnx")
-    manifest = Manifest.load(out)
-    manifest.graphs.append(with_hashes(dataclasses.replace(entry, backends=("onnxruntime",)), out))  # hashed: checked at load
-    manifest.save(out)
-    return out
+    return add_inplace_decoder(tiny["original"], bundle_fp32, tmp_path_factory.mktemp("inplace") / "bundle")
 
 
-@pytest.fixture(scope="module")
-def pipes(bundle_fp32, inplace_bundle):
-    return Pipeline.from_bundle(bundle_fp32, threads=2), Pipeline.from_bundle(inplace_bundle, threads=2)
+@pytest.fixture(scope="module", params=["exported", "gqa-qwen2", "gqa-internlm2"])
+def pipes(request, bundle_fp32):
+    if request.param == "gqa-internlm2":
+        fp32, inplace = request.getfixturevalue("internlm2_gqa_bundles")
+    else:
+        fp32, inplace = bundle_fp32, request.getfixturevalue("inplace_bundle" if request.param == "exported" else "bundle_gqa")
+    return Pipeline.from_bundle(fp32, threads=2), Pipeline.from_bundle(inplace, threads=2)
 
 
 def test_inplace_decoder_is_chosen_for_the_onnxruntime_variant(pipes):
@@ -101,7 +95,8 @@ def test_inplace_logits_and_cache_match_step_by_step(pipes, monkeypatch):
 
 def test_rows_of_one_buffer_at_different_lengths_equal_each_row_alone(pipes):
     """Engine slots: row 0 holds a 6-token prompt, row 1 a 3-token one, in one buffer; a decode step for both
-    (per-row write positions) gives each row's logits as if it ran alone."""
+    (per-row write positions) gives each row's logits as if it ran alone. While one row is prefilled the other
+    writes into masked scratch slots at the end of its buffer, consecutively (the GQA form writes no other way)."""
     concat, inplace = pipes
     hidden = concat.manifest.model.text.hidden_size
     rng = np.random.default_rng(1)
@@ -114,8 +109,8 @@ def test_rows_of_one_buffer_at_different_lengths_equal_each_row_alone(pipes):
         concat.decoder.forward(p, np.ones((1, n), np.int64), np.arange(n)[None], np.array([[n - 1]]))
         alone.append(concat.decoder.forward(e[None], np.ones((1, n + 1), np.int64), np.array([[n]]), np.zeros((1, 1), np.int64)))
     d = inplace.decoder
-    d.reset(2, 10)
-    d.ensure(10)  # an engine sizes the view before stepping slots with forward_at
+    d.reset(2, 13)
+    d.ensure(13)  # an engine sizes the view before stepping slots with forward_at
     mask = np.zeros((2, d.capacity), np.int64)
     for row, p in enumerate(prompts):  # each slot prefilled on its own row
         n = p.shape[1]
@@ -123,7 +118,7 @@ def test_rows_of_one_buffer_at_different_lengths_equal_each_row_alone(pipes):
         full = np.zeros((2, n, hidden), np.float32)
         full[row] = p[0]
         write = np.broadcast_to(np.arange(n), (2, n)).copy()
-        write[1 - row] = d.capacity - 1  # the other row writes into a masked scratch slot
+        write[1 - row] = np.arange(d.capacity - n, d.capacity)  # scratch, past every row's real positions
         d.forward_at(full, np.where(np.arange(2)[:, None] == row, mask, 0), np.broadcast_to(np.arange(n), (2, n)),
                      np.full((2, 1), n - 1), write)
     lengths = np.array([6, 3])

@@ -219,20 +219,35 @@ def make_tiny(root: Path, config: dict | None = None, seed: int = 0, native: boo
     }
 
 
-def add_gqa_decoder(checkpoint_dir, bundle, out):
-    """`bundle` copied to `out` plus the GroupQueryAttention decoder (export/graphs_gqa.py) as its ONNX Runtime
-    variant, as a quantized build ships it (here in fp32, to compare with the other fp32 graphs)."""
+def add_decoder_variant(checkpoint_dir, bundle, out, make, file: str):
+    """`bundle` copied to `out` plus `make(ck, path) -> GraphEntry`'s decoder as its ONNX Runtime variant, hashed (it
+    is checked at load), as a quantized build ships it (here in fp32, to compare with the other fp32 graphs)."""
     import dataclasses
     import shutil
 
     from vl_export.export.bundle import load_checkpoint, with_hashes
-    from vl_export.export.graphs_gqa import build_gqa_decoder
     from vl_export.manifest import Manifest
 
     shutil.copytree(bundle, out)
-    ck = load_checkpoint(str(checkpoint_dir), lambda _: None)
-    entry = build_gqa_decoder(ck.model, ck.spec, out / "decoder.ort-gqa.onnx")
+    entry = make(load_checkpoint(str(checkpoint_dir), lambda _: None), out / file)
     manifest = Manifest.load(out)
     manifest.graphs.append(with_hashes(dataclasses.replace(entry, backends=("onnxruntime",)), out))
     manifest.save(out)
     return out
+
+
+def add_gqa_decoder(checkpoint_dir, bundle, out):
+    """The GroupQueryAttention decoder (export/graphs_gqa.py) as `bundle`'s ONNX Runtime variant."""
+    from vl_export.export.graphs_gqa import build_gqa_decoder
+
+    return add_decoder_variant(checkpoint_dir, bundle, out, lambda ck, path: build_gqa_decoder(ck.model, ck.spec, path),
+                               "decoder.ort-gqa.onnx")
+
+
+def add_inplace_decoder(checkpoint_dir, bundle, out):
+    """The torch-exported in-place decoder (export/graphs_inplace.py) as `bundle`'s ONNX Runtime variant."""
+    from vl_export.export.graphs_inplace import export_inplace_decoder
+
+    return add_decoder_variant(checkpoint_dir, bundle, out,
+                               lambda ck, path: export_inplace_decoder(ck.model, ck.spec, "fp32", path),
+                               "decoder.ort-inplace.onnx")
