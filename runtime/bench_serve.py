@@ -24,6 +24,7 @@ from urllib.parse import urlparse
 import numpy as np
 from PIL import Image
 
+from .backends import serving_options
 from .bench import image_with_tiles, peak_rss_mib
 from .pipeline import Pipeline
 from .server import BackgroundServer, ServerConfig
@@ -140,7 +141,7 @@ def conversation(url: str, model: str, image: bytes, max_tokens: int, plain_hist
 def bench_serve(bundle: Path, concurrency: list[int], max_tokens: int = 64, image_size: tuple[int, int] = (448, 448),
                 conversation_tiles: int = 7, max_batch: int | None = None, kv_cache_mb: float = 256.0,
                 backend: str = "onnxruntime", **backend_options) -> dict:
-    pipe = Pipeline.from_bundle(bundle, backend=backend, **backend_options)
+    pipe = Pipeline.from_bundle(bundle, backend=backend, **serving_options(backend, backend_options))
     model = Path(bundle).resolve().name
     max_batch = max_batch or max(concurrency)
 

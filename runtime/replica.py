@@ -86,9 +86,11 @@ class ReplicaInfo:
 def make_service(settings: ReplicaSettings):
     """The replica's generation service: the continuous-batching engine over one Pipeline, with its caches."""
     from .metrics import Metrics
+    from .backends import serving_options
     from .pipeline import Pipeline
 
-    pipe = Pipeline.from_bundle(settings.bundle, backend=settings.backend, **settings.backend_options)
+    pipe = Pipeline.from_bundle(settings.bundle, backend=settings.backend,
+                                **serving_options(settings.backend, settings.backend_options))
     return EngineQueue(pipe, settings.max_queue, settings.max_batch, settings.kv_cache_mb, settings.image_cache_mb,
                        settings.prefill_chunk, Metrics())
 

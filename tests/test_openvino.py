@@ -46,6 +46,12 @@ def ov_f32(bundle_fp32):
 
 
 @pytest.fixture(scope="module")
+def ov_f32_shared(bundle_fp32):
+    """The decoder's cache in shared host buffers (stateful=0) instead of the default plugin variables."""
+    return Pipeline.from_bundle(bundle_fp32, backend="openvino", threads=2, precision="f32", stateful=0)
+
+
+@pytest.fixture(scope="module")
 def ov_bf16(bundle_fp32):
     return Pipeline.from_bundle(bundle_fp32, backend="openvino", threads=2, precision="bf16")
 
@@ -131,6 +137,45 @@ def test_greedy_tokens_equal_pytorch_f32(tiny, ov_f32, hf_tokenizer):
     px = torch.cat([ref.load_image(p) for p in pictures])
     assert [r.token_ids for r in results] == ref.hf_generate(tiny["model"], hf_tokenizer, ref.batch_queries(questions, counts),
                                                              px, NEW_TOKENS, stop, pad)
+
+
+def test_stateful_decoder_equals_shared_buffers_f32(tiny, ov_f32, ov_f32_shared):
+    """The same graph with its cache kept in the plugin (MakeStateful) or passed in and out in shared buffers: equal
+    logits and caches through a left-padded prefill, decode steps, and the engine's relayout (one row resumed alone
+    from a host copy, as a request that stays when its neighbour leaves)."""
+    from vl_export.runtime.backends.ov import OvDecoder, OvStatefulDecoder
+
+    stateful, shared = ov_f32.decoder, ov_f32_shared.decoder
+    assert isinstance(stateful, OvStatefulDecoder) and isinstance(shared, OvDecoder)
+    embeds, mask, positions, out = pytorch_prefill(tiny, seed=2)
+    want_scale = float(np.abs(out.logits.numpy()).max())
+    every = np.broadcast_to(np.arange(9), (2, 9))
+    got = []
+    for decoder in (stateful, shared):
+        decoder.reset(2, 16)
+        got.append(decoder.forward(embeds, mask, positions, every))
+    assert np.abs(got[0] - got[1]).max() <= FP32_RTOL * want_scale
+    pos = positions[:, -1:]
+    for step in range(3):
+        token = np.random.default_rng(20 + step).standard_normal((2, 1, embeds.shape[-1])).astype(np.float32)
+        mask, pos = np.concatenate([mask, np.ones((2, 1), np.int64)], axis=1), pos + 1
+        got = [d.forward(token, mask, pos, np.zeros((2, 1), np.int64)) for d in (stateful, shared)]
+        assert np.abs(got[0] - got[1]).max() <= FP32_RTOL * want_scale, f"step {step}"
+    caches = [d.cache() for d in (stateful, shared)]
+    assert stateful.past_len == shared.past_len == 12 and len(caches[0]) == len(caches[1])
+    for a, b in zip(*caches):
+        assert a.shape == b.shape == (2, a.shape[1], 12, a.shape[3])
+        assert np.abs(a[:, :, 3:] - b[:, :, 3:]).max() <= FP32_RTOL * max(float(np.abs(b).max()), 1.0)
+    row = [c[1:2].copy() for c in caches[1]]  # row 1 alone, from the shared decoder's copy into both
+    token = np.random.default_rng(30).standard_normal((1, 1, embeds.shape[-1])).astype(np.float32)
+    got = []
+    for decoder in (stateful, shared):
+        decoder.load_cache(row, 20)
+        assert decoder.batch == 1 and decoder.past_len == 12
+        got.append(decoder.forward(token, np.concatenate([mask[1:], np.ones((1, 1), np.int64)], axis=1), pos[1:] + 1,
+                                   np.zeros((1, 1), np.int64)))
+    assert np.abs(got[0] - got[1]).max() <= FP32_RTOL * want_scale
+    assert [c.shape[2] for c in stateful.cache()] == [13] * len(row)
 
 
 # --- bf16: close, not equal ------------------------------------------------------------------------------------
@@ -291,6 +336,7 @@ def test_missing_openvino_is_one_clear_line(bundle_fp32):
     ({"device": "npu7"}, "OpenVINO cannot use device 'npu7' here (available: CPU"),
     ({"precision": "fp8"}, "unknown OpenVINO precision 'fp8' (choose from f32, bf16)"),
     ({"hint": "fastest"}, "unknown OpenVINO hint 'fastest'"),
+    ({"stateful": "maybe"}, "OpenVINO option stateful='maybe' is not a switch (use 1 or 0)"),
 ])
 def test_bad_options_are_clear_errors(bundle_fp32, options, message):
     with pytest.raises(BackendUnavailableError) as error:

@@ -58,11 +58,15 @@ def _backend_options(args: argparse.Namespace) -> dict:
     return options
 
 
-def _pipeline(args: argparse.Namespace, **options):
+def _pipeline(args: argparse.Namespace, serving: bool = False, **options):
     from vl_export.runtime import Pipeline
+    from vl_export.runtime.backends import serving_options
 
+    backend_options = _backend_options(args)
+    if serving:
+        backend_options = serving_options(args.backend, backend_options)
     return Pipeline.from_bundle(args.bundle, backend=args.backend, parse_special_tokens=args.parse_special_tokens,
-                                **options, **_backend_options(args))
+                                **options, **backend_options)
 
 
 def _cache_budgets(args: argparse.Namespace) -> dict:
@@ -195,7 +199,7 @@ def _serve(args: argparse.Namespace) -> int:
     if args.replicas is None:
         if args.ray_address or args.max_replicas:
             raise VlExportError("--ray-address and --max-replicas need --replicas N (serving on Ray Serve)")
-        run_server([_pipeline(args)], config)
+        run_server([_pipeline(args, serving=True)], config)
         return 0
     _serve_on_ray(args, config)
     return 0

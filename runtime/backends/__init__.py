@@ -74,3 +74,11 @@ def open_backends(spec: str, bundle: Path, manifest: Manifest, **options) -> dic
     if unused:
         raise BackendUnavailableError(f"no chosen backend takes the option {sorted(unused)[0]!r}")
     return {role: opened[name] for role, name in roles.items()}
+
+
+def serving_options(spec: str, options: dict) -> dict:
+    """A server's backend options: ONNX Runtime's pools sleep when idle (spin=0) unless the caller chose, because the
+    engine runs vision beside the decoder (see OrtBackend); measured in README Serving."""
+    if "spin" in options or "onnxruntime" not in parse_spec(spec).values():
+        return dict(options)
+    return {**options, "spin": 0}

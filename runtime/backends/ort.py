@@ -17,6 +17,7 @@ from vl_export.manifest import GraphEntry
 from .base import Backend, DecoderSession, GraphSession
 
 DEVICES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+SPIN = (0, 1, "decoder")  # 1: every session's pool spins when idle; 0: none; decoder: the decoder's only
 
 
 def _import_ort():
@@ -43,13 +44,16 @@ def _check_gqa_support(version: str, entry: GraphEntry) -> None:
 class OrtBackend(Backend):
     name = "onnxruntime"
 
-    def __init__(self, device: str = "cpu", threads: int | None = None, spin: int = 0):
+    def __init__(self, device: str = "cpu", threads: int | None = None, spin: int | str = "decoder"):
         ort = _import_ort()
-        if spin not in (0, 1):
-            raise BackendUnavailableError(f"the onnxruntime option spin takes 0 or 1, got {spin!r}")
-        # Idle intra-op threads sleep (spin=0) rather than spin: the engine runs the vision encoder on its own thread
-        # beside the decoder, and spinning pools steal each other's cores. Measured on the 1B INT8 bundle, 2 cores,
-        # 4 streams: p95 inter-token latency 104 ms vs 193 ms spinning, one stream unchanged (README, Serving).
+        if spin not in SPIN:
+            raise BackendUnavailableError(f"the onnxruntime option spin takes 0, 1 or decoder, got {spin!r}")
+        # Whether idle intra-op threads spin or sleep between the parallel parts of a run. A decode step is a few
+        # hundred small parallel parts: sleeping between them costs ~5 ms a step (1B INT4, 2 threads: 24.2 vs 19.0
+        # ms, README #16), so the decoder's pool spins by default. The vision encoder's large matmuls do not care,
+        # and the serving engine runs a newcomer's vision encoder on its own thread beside the decoder, where two
+        # spinning pools steal each other's cores (4 streams: p95 inter-token latency 193 ms spinning vs 104 ms
+        # sleeping, README Serving): servers therefore default to spin=0 (serving_options in backends/__init__.py).
         self.spin = spin
         if device not in DEVICES:
             raise BackendUnavailableError(f"unknown onnxruntime device {device!r} (choose from {', '.join(DEVICES)})")
@@ -61,13 +65,13 @@ class OrtBackend(Backend):
         self.device = device
         self.threads = threads
 
-    def _session(self, path: Path):
+    def _session(self, path: Path, decoder: bool = False):
         options = self.ort.SessionOptions()
         options.graph_optimization_level = self.ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if self.threads:
             options.intra_op_num_threads = self.threads
             options.inter_op_num_threads = 1
-        if not self.spin:
+        if not (self.spin == 1 or (self.spin == "decoder" and decoder)):
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.log_severity_level = 3
         try:
@@ -87,12 +91,13 @@ class OrtBackend(Backend):
                                               "provider only; it has not been checked on CUDA")
             if entry.form == "gqa":
                 _check_gqa_support(_import_ort().__version__, entry)
-                return OrtGqaDecoder(self._session(bundle / entry.file), entry, self)
-            return OrtInplaceDecoder(self._session(bundle / entry.file), entry, self)
-        return OrtDecoder(self._session(bundle / entry.file), entry, self)
+                return OrtGqaDecoder(self._session(bundle / entry.file, decoder=True), entry, self)
+            return OrtInplaceDecoder(self._session(bundle / entry.file, decoder=True), entry, self)
+        return OrtDecoder(self._session(bundle / entry.file, decoder=True), entry, self)
 
     def describe(self) -> dict:
-        return {"backend": self.name, "device": self.device, "threads": self.threads, "version": self.ort.__version__}
+        return {"backend": self.name, "device": self.device, "threads": self.threads, "spin": self.spin,
+                "version": self.ort.__version__}
 
 
 def is_inplace(entry: GraphEntry) -> bool:

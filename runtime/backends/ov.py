@@ -5,7 +5,9 @@ As in ort.py the two buffers swap roles every step: the infer request reads `pas
 straight into the other, both handed to OpenVINO as shared-memory ov.Tensor views, so a step allocates nothing
 and copies the cache only where the graph's own Concat does. Options: device (cpu), threads
 (INFERENCE_NUM_THREADS), precision (`f32` exact, `bf16` fast where the CPU has bf16 instructions), hint
-(PERFORMANCE_HINT, latency by default) and cache_dir (where converted IR goes; "off" for none).
+(PERFORMANCE_HINT, latency by default), cache_dir (where converted IR goes; "off" for none) and stateful (1: the
+decoder's past/present pairs become OpenVINO variables kept inside the plugin, OvStatefulDecoder; 0: the shared
+buffers above).
 """
 
 from __future__ import annotations
@@ -28,7 +30,10 @@ from .ov_pages import release_pages
 PRECISIONS = {"f32": "f32", "fp32": "f32", "bf16": "bf16"}
 CAPABILITY = {"f32": "FP32", "bf16": "BF16"}  # how OPTIMIZATION_CAPABILITIES names them
 DEFAULT_PRECISION = "bf16"
+# The decoder's cache inside the plugin or in shared host buffers: chosen by measurement (README, #16).
+DEFAULT_STATEFUL = True
 HINTS = ("latency", "throughput")
+SWITCH = {"1": True, "true": True, "on": True, "yes": True, "0": False, "false": False, "off": False, "no": False}
 
 
 def _import_ov():
@@ -43,7 +48,7 @@ class OpenVinoBackend(Backend):
     name = "openvino"
 
     def __init__(self, device: str = "cpu", threads: int | None = None, precision: str | None = None,
-                 hint: str = "latency", cache_dir: str | None = None):
+                 hint: str = "latency", cache_dir: str | None = None, stateful: str | bool = DEFAULT_STATEFUL):
         ov = _import_ov()
         core = ov.Core()
         self.device = _device(core, device)
@@ -53,6 +58,7 @@ class OpenVinoBackend(Backend):
             raise BackendUnavailableError(f"unknown OpenVINO hint {hint!r} (choose from {', '.join(HINTS)})")
         self.ov, self.core = ov, core
         self.threads, self.hint, self.cache_request = threads, hint.lower(), cache_dir
+        self.stateful = _switch("stateful", stateful)
         self.cache_dir: Path | None = None  # decided per bundle at the first open
 
     def config(self) -> dict:
@@ -61,14 +67,23 @@ class OpenVinoBackend(Backend):
             config["INFERENCE_NUM_THREADS"] = int(self.threads)
         return config
 
-    def compile(self, bundle: Path, entry: GraphEntry):
-        """(compiled model, the files its weights are mapped from)."""
+    def compile(self, bundle: Path, entry: GraphEntry, variables: dict[str, str] | None = None):
+        """(compiled model, the files its weights are mapped from); `variables` (input -> output names) are made
+        stateful first."""
         self.cache_dir = ov_cache.choose_dir(Path(bundle), self.cache_request)
         if not (Path(bundle) / entry.file).is_file():
             raise BundleError(f"bundle {bundle} is incomplete: {entry.file} is missing")
         try:
             model, weight_files = ov_cache.read_model(self.ov, self.core, Path(bundle), entry, self.cache_dir)
-            return self.core.compile_model(model, self.device, self.config()), weight_files
+            config = self.config()
+            if variables:
+                from openvino._offline_transformations import apply_make_stateful_transformation
+
+                apply_make_stateful_transformation(model, variables)
+                # The plugin may keep variables it recognises as a KV cache in another type (u8 by default on some
+                # CPUs): pin it to the inference precision, so f32 stays exact and bf16 is what was measured.
+                config["KV_CACHE_PRECISION"] = self.precision
+            return self.core.compile_model(model, self.device, config), weight_files
         except RuntimeError as exc:  # OpenVINO raises RuntimeError (with a long C++ trace) for what it cannot read
             raise BundleError(f"OpenVINO cannot load {entry.file}: {_first_line(exc)}") from None
 
@@ -76,11 +91,14 @@ class OpenVinoBackend(Backend):
         return OvGraph(*self.compile(bundle, entry))
 
     def open_decoder(self, bundle: Path, entry: GraphEntry) -> DecoderSession:
+        if self.stateful:
+            pairs = OvStatefulDecoder.pairs(entry)
+            return OvStatefulDecoder(*self.compile(bundle, entry, dict(pairs)), entry, self.ov)
         return OvDecoder(*self.compile(bundle, entry), entry, self.ov)
 
     def describe(self) -> dict:
         return {"backend": self.name, "device": self.device, "threads": self.threads, "precision": self.precision,
-                "hint": self.hint, "version": self.ov.get_version(),
+                "hint": self.hint, "stateful": self.stateful, "version": self.ov.get_version(),
                 "ir_cache": str(self.cache_dir) if self.cache_dir else None}
 
 
@@ -104,6 +122,13 @@ def _precision(requested: str | None, capabilities: set[str], device: str) -> st
         raise BackendUnavailableError(f"OpenVINO's {device} here has no {precision} support (it offers "
                                       f"{', '.join(sorted(capabilities))}); use precision=f32")
     return precision
+
+
+def _switch(name: str, value) -> bool:
+    key = str(value).lower()
+    if key not in SWITCH:
+        raise BackendUnavailableError(f"OpenVINO option {name}={value!r} is not a switch (use 1 or 0)")
+    return SWITCH[key]
 
 
 def _first_line(exc: Exception) -> str:
@@ -195,3 +220,83 @@ class OvDecoder(DecoderSession):
         for buf, array in zip(self.buffers[0], cache):
             buf[: array.size] = np.asarray(array, self.kv_dtype).reshape(-1)
         self.past_len = past
+
+
+class OvStatefulDecoder(DecoderSession):
+    """The portable decoder made stateful at load (OpenVINO's MakeStateful, as the models openvino-genai runs are
+    built): each past_key_values.{i}.* input and its present.{i}.* output become one variable the plugin keeps, so a
+    step passes neither the cache in nor gets it back, and the plugin may keep it in its own layout (its fused
+    attention appends in place). The bundle's graph is unchanged; the transformation runs on the loaded model.
+
+    The variables are read and written only where the interface asks for host copies: `cache` and `load_cache`
+    (the serving engine's batch layout and prefix cache), `reset` (empty variables of the new batch size).
+    Capacity means nothing here (the plugin grows its cache); it is kept for the interface's sake.
+    """
+
+    def __init__(self, compiled, weight_files: list[Path], entry: GraphEntry, ov):
+        self._kv_layout(entry)
+        self.compiled, self.weight_files, self.Tensor = compiled, weight_files, ov.Tensor
+        self.request = compiled.create_infer_request()  # the only one (see OvGraph)
+        self.packed: set[bool] = set()
+        self.input_dtypes = {t.name: np.dtype(t.dtype) for t in entry.inputs if not t.name.startswith("past_key_values.")}
+        self.states = self._states_in_graph_order()
+        self.capacity = 0
+
+    @staticmethod
+    def pairs(entry: GraphEntry) -> list[tuple[str, str]]:
+        """(past input, present output) per cache tensor, in graph order; the manifest's names must pair up."""
+        inputs = [t.name for t in entry.inputs if t.name.startswith("past_key_values.")]
+        outputs = {t.name for t in entry.outputs if t.name.startswith("present.")}
+        pairs = [(name, "present." + name[len("past_key_values."):]) for name in inputs]
+        if not pairs or {p for _, p in pairs} != outputs:
+            raise BundleError(f"{entry.file}: past_key_values.* inputs and present.* outputs do not pair up")
+        return pairs
+
+    def _states_in_graph_order(self) -> list:
+        """The request's variables, one per past input, in graph order. MakeStateful names a variable after its
+        input and output; the match is on both names, so layer 1 never takes layer 11's variable."""
+        states = list(self.request.query_state())
+        ordered = []
+        for past, present in zip(self.past_names, self.present_names):
+            found = [s for s in states if s.name.startswith(past) and s.name[len(past):].startswith(present)]
+            if len(found) != 1:
+                raise BundleError(f"OpenVINO made {len(found)} variables for {past} -> {present} (expected one)")
+            ordered.append(found[0])
+        return ordered
+
+    def _empty(self, batch: int) -> None:
+        empty = np.zeros((batch, self.kv_heads, 0, self.head_dim), self.kv_dtype)
+        for state in self.states:
+            state.state = self.Tensor(empty)
+
+    def reset(self, batch: int, capacity: int) -> None:
+        self._empty(batch)
+        self.batch, self.past_len, self.capacity = batch, 0, capacity
+        self.packed.clear()
+
+    def forward(self, inputs_embeds, attention_mask, position_ids, logits_positions) -> np.ndarray:
+        b, s = inputs_embeds.shape[:2]
+        if b != self.batch:
+            raise RuntimeError(f"decoder cache holds {self.batch} sequences, asked for {b}")
+        request = self.request
+        for name, array in (("inputs_embeds", inputs_embeds), ("attention_mask", attention_mask),
+                            ("position_ids", position_ids), ("logits_positions", logits_positions)):
+            array = np.ascontiguousarray(array, dtype=self.input_dtypes[name])
+            request.set_tensor(name, self.Tensor(array, shared_memory=True))
+        request.infer()
+        if (s > 1) not in self.packed:  # as OvDecoder: drop the mapped weight pages once each step kind has run
+            release_pages(self.weight_files)
+            self.packed.add(s > 1)
+        self.past_len += s
+        self.capacity = max(self.capacity, self.past_len)
+        return request.get_tensor("logits").data.copy()
+
+    def cache(self) -> list[np.ndarray]:
+        return [np.array(state.state.data, dtype=self.kv_dtype, copy=True) for state in self.states]
+
+    def load_cache(self, cache: list[np.ndarray], capacity: int) -> None:
+        batch, _, past, _ = cache[0].shape
+        for state, array in zip(self.states, cache):
+            state.state = self.Tensor(np.ascontiguousarray(array, dtype=self.kv_dtype))
+        self.batch, self.past_len, self.capacity = batch, past, max(capacity, past)
+        self.packed.clear()
