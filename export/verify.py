@@ -92,8 +92,9 @@ def verify_case(pipe: Pipeline, ref: Reference, label: str, image, prompt: str, 
     ref_ids = ref.prompt_ids(prompt, counts)
     stages["prompt_ids"] = {"identical": request.ids == ref_ids, "tokens": len(request.ids)}
 
-    features = np.concatenate([pipe.vision.run({"pixel_values": request.pixel_values[i : i + pipe.max_tiles_per_run]})["vision_features"]
-                               for i in range(0, len(request.pixel_values), pipe.max_tiles_per_run)])
+    per_run = pipe.tiles_per_run
+    features = np.concatenate([pipe.vision.run({"pixel_values": request.pixel_values[i : i + per_run]})["vision_features"]
+                               for i in range(0, len(request.pixel_values), per_run)])
     stages["vision_features"] = tensor_stats(features, ref.vision_features(ref_pixels).numpy())
     embeds = pipe.projector.run({"vision_features": features})["image_embeds"]
     ref_embeds = ref.image_embeds(ref_pixels)

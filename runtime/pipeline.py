@@ -16,13 +16,13 @@ from vl_export.manifest import Manifest
 
 from . import prompt as prompts
 from .backends import open_backends
-from .backends.base import Backend, DecoderSession, GraphSession
+from .backends.base import GPU_TILES_PER_RUN, Backend, DecoderSession, GraphSession
 from .preprocess import ImageInput, TilingConfig, preprocess_images, preprocess_video
 from .sampling import GenerationConfig
 from .tokenizer import TextTokenizer
 
 Images = ImageInput | Sequence[ImageInput] | None
-TILES_PER_RUN = 8  # tiles per vision run: bounds its activation memory; TensorRT's vision profiles are tuned for it
+TILES_PER_RUN = GPU_TILES_PER_RUN  # tiles per vision run on a GPU, which TensorRT's vision profiles are tuned for
 
 
 @dataclass
@@ -97,7 +97,7 @@ class Stream:
 
 
 class Pipeline:
-    def __init__(self, bundle: Path, manifest: Manifest, backends: dict[str, Backend], max_tiles_per_run: int = TILES_PER_RUN,
+    def __init__(self, bundle: Path, manifest: Manifest, backends: dict[str, Backend], max_tiles_per_run: int | None = None,
                  lazy: bool = False, kv_cache_mb: float = 0.0, image_cache_mb: float = 0.0, max_batch: int = 8,
                  parse_special_tokens: bool = False):
         self.bundle = bundle
@@ -118,7 +118,7 @@ class Pipeline:
             self.vision, self.projector, self.decoder  # noqa: B018
 
     @classmethod
-    def from_bundle(cls, path: str | Path, backend: str = "onnxruntime", max_tiles_per_run: int = TILES_PER_RUN,
+    def from_bundle(cls, path: str | Path, backend: str = "onnxruntime", max_tiles_per_run: int | None = None,
                     lazy: bool = False, kv_cache_mb: float = 0.0, image_cache_mb: float = 0.0,
                     parse_special_tokens: bool = False, **backend_options) -> Pipeline:
         """Load a bundle. backend: onnxruntime (ort), openvino (ov) or tensorrt (trt), or one per graph, e.g.
@@ -165,11 +165,17 @@ class Pipeline:
 
     # --- stages --------------------------------------------------------------------------------------------
 
-    def encode_images(self, pixel_values: np.ndarray) -> np.ndarray:
-        """pixel_values (tiles, 3, 448, 448) -> image_embeds (tiles, 256, hidden), in runs of max_tiles_per_run."""
-        runs = []
+    @property
+    def tiles_per_run(self) -> int:
+        """Tiles per vision run: max_tiles_per_run if given, else what the vision session does best with (2 on a CPU,
+        8 on a GPU: backends/base.py); an engine built for fewer sets the pace."""
         limits = [getattr(g, "max_tiles", None) for g in (self.vision, self.projector)]
-        per_run = min([self.max_tiles_per_run, *(n for n in limits if n)])  # an engine built for fewer sets the pace
+        return min([self.max_tiles_per_run or self.vision.tiles_per_run, *(n for n in limits if n)])
+
+    def encode_images(self, pixel_values: np.ndarray) -> np.ndarray:
+        """pixel_values (tiles, 3, 448, 448) -> image_embeds (tiles, 256, hidden), in runs of tiles_per_run."""
+        runs = []
+        per_run = self.tiles_per_run
         for start in range(0, len(pixel_values), per_run):
             chunk = np.ascontiguousarray(pixel_values[start : start + per_run], dtype=np.float32)
             features = self.vision.run({"pixel_values": chunk})["vision_features"]

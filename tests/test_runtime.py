@@ -305,3 +305,17 @@ def test_onnxruntime_decoder_spins_vision_and_servers_sleep(bundle_fp32):
     assert serving_options("openvino", {"threads": 2}) == {"threads": 2}  # no ONNX Runtime: no option it would refuse
     with pytest.raises(BackendUnavailableError, match="spin takes 0, 1 or decoder"):
         Pipeline.from_bundle(bundle_fp32, spin=2)
+
+
+def test_cpu_vision_runs_two_tiles_at_a_time_unless_asked(bundle_fp32):
+    """On a CPU a vision run's activations grow with its tiles and its time per tile does not (README #16), so the
+    pipeline sends 2 tiles a run by default; max_tiles_per_run overrides it; the embeddings do not depend on it."""
+    pixels = np.random.default_rng(5).standard_normal((5, 3, 448, 448)).astype(np.float32)
+    outputs = {}
+    for per_run, want_runs in ((None, [2, 2, 1]), (8, [5])):
+        pipe = Pipeline.from_bundle(bundle_fp32, threads=2, max_tiles_per_run=per_run)
+        runs, run = [], pipe.vision.run
+        pipe.vision.run = lambda feeds, run=run: runs.append(len(feeds["pixel_values"])) or run(feeds)
+        outputs[per_run] = pipe.encode_images(pixels)
+        assert runs == want_runs
+    np.testing.assert_allclose(outputs[None], outputs[8], rtol=0, atol=1e-4 * np.abs(outputs[8]).max())

@@ -106,8 +106,8 @@ def test_default_sizes_of_internvl2_5_1b_follow_the_manifest_and_the_pipeline():
 
 
 def test_vision_profile_optimum_is_the_size_the_pipeline_runs():
-    runs = inspect.signature(Pipeline.from_bundle).parameters["max_tiles_per_run"].default
-    assert runs == 8  # the pipeline's tiles per vision run, which the vision profile is tuned for
+    assert inspect.signature(Pipeline.from_bundle).parameters["max_tiles_per_run"].default is None  # the session's
+    assert TrtGraph.tiles_per_run == 8  # the pipeline's tiles per vision run on TensorRT, which the profile is tuned for
     [profile] = graph_profiles("vision_encoder", resolve_sizes(manifest(), BuildOptions()), BuildOptions())
     assert profile.axes["tiles"] == (1, 8, 8)
 
@@ -700,6 +700,7 @@ def test_pipeline_runs_no_more_tiles_than_the_vision_engines_take():
     vision = CountingGraph(None, "pixel_values", "vision_features")
     projector = CountingGraph(3, "vision_features", "image_embeds")
     pipe = SimpleNamespace(vision=vision, projector=projector, max_tiles_per_run=8)
+    pipe.tiles_per_run = Pipeline.tiles_per_run.fget(pipe)
     pixels = np.arange(13, dtype=np.float32).reshape(13, 1, 1, 1)
     out = Pipeline.encode_images(pipe, pixels)
     assert vision.runs == projector.runs == [3, 3, 3, 3, 1]

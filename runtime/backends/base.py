@@ -10,10 +10,19 @@ import numpy as np
 from vl_export.manifest import GraphEntry
 
 
+# Tiles per vision run, where the caller does not choose. On a GPU, 8: TensorRT's vision profiles are tuned for it.
+# On a CPU, 2: a run's activations grow with its tiles (a 7-tile image on the same-size 1B INT4 bundle, OpenVINO
+# vision + ONNX Runtime decoder: peak RSS 1,610 MiB in runs of 8, 1,402 MiB in runs of 2) and the time per tile does
+# not (1.72 / 1.63 / 1.59 s a tile in runs of 8 / 4 / 2 on OpenVINO; 2.33 / 2.20 / 2.36 s on ONNX Runtime; README #16).
+GPU_TILES_PER_RUN = 8
+CPU_TILES_PER_RUN = 2
+
+
 class GraphSession(ABC):
     """One graph compiled for one backend; numpy arrays in, numpy arrays out."""
 
     max_tiles: int | None = None  # most tiles one run takes (a TensorRT engine's profile); None: no limit
+    tiles_per_run: int = CPU_TILES_PER_RUN  # the run size the session does best with (see above)
 
     @abstractmethod
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...

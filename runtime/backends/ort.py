@@ -14,7 +14,7 @@ import numpy as np
 from vl_export.errors import BackendUnavailableError, BundleError
 from vl_export.manifest import GraphEntry
 
-from .base import Backend, DecoderSession, GraphSession
+from .base import GPU_TILES_PER_RUN, Backend, DecoderSession, GraphSession
 
 DEVICES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 SPIN = (0, 1, "decoder")  # 1: every session's pool spins when idle; 0: none; decoder: the decoder's only
@@ -80,7 +80,10 @@ class OrtBackend(Backend):
             raise BundleError(f"onnxruntime cannot load {path.name}: {str(exc).splitlines()[0]}") from None
 
     def open_graph(self, bundle: Path, entry: GraphEntry) -> GraphSession:
-        return OrtGraph(self._session(bundle / entry.file))
+        graph = OrtGraph(self._session(bundle / entry.file))
+        if self.device != "cpu":
+            graph.tiles_per_run = GPU_TILES_PER_RUN
+        return graph
 
     def open_decoder(self, bundle: Path, entry: GraphEntry) -> DecoderSession:
         if is_inplace(entry):

@@ -31,7 +31,7 @@ from vl_export.engines import (
 from vl_export.errors import BackendUnavailableError, BundleError, InputError
 from vl_export.manifest import GraphEntry
 
-from .base import Backend, DecoderSession, GraphSession
+from .base import GPU_TILES_PER_RUN, Backend, DecoderSession, GraphSession
 from .cuda_rt import Cuda, DeviceBuffer, device_index, import_cudart, probe_gpu, tensorrt_cuda_major
 from .trt_plan import axis_sizes, chunks, kv_bytes, numpy_dtype, profile_axes, resolve_shape
 
@@ -218,6 +218,8 @@ class Bindings:
 
 
 class TrtGraph(GraphSession):
+    tiles_per_run = GPU_TILES_PER_RUN
+
     def __init__(self, bindings: Bindings):
         self.io = bindings
         self.max_tiles = bindings.largest("tiles")
