@@ -135,7 +135,7 @@ def test_two_different_images_never_share_cached_positions(bundle_fp32):
 
 
 def test_the_image_cache_skips_the_vision_encoder_and_keys_on_the_tiling(bundle_fp32):
-    pipe = Pipeline.from_bundle(bundle_fp32, threads=1, image_cache_mb=16)
+    pipe = Pipeline.from_bundle(bundle_fp32, threads=1, image_cache_mb=16, max_tiles_per_run=8)  # one run per image
     runs = []
     vision_run = pipe.vision.run
     pipe.vision.run = lambda feeds: runs.append(len(feeds["pixel_values"])) or vision_run(feeds)
