@@ -136,6 +136,20 @@ def _first_line(exc: Exception) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
+def _bind_inputs(request, tensor, dtypes: dict, **arrays: np.ndarray) -> None:
+    """The decoder's plain inputs, read in place by the request (as the graph's dtypes)."""
+    for name, array in arrays.items():
+        request.set_tensor(name, tensor(np.ascontiguousarray(array, dtype=dtypes[name]), shared_memory=True))
+
+
+def _release_after_first(weight_files: list[Path], packed: set[bool], prefill: bool) -> None:
+    """Prefill and single-token steps pack their weights apart (ov_pages): drop the mapped pages after the first of
+    each kind since the last reset."""
+    if prefill not in packed:
+        release_pages(weight_files)
+        packed.add(prefill)
+
+
 class OvGraph(GraphSession):
     def __init__(self, compiled, weight_files: list[Path]):
         self.compiled = compiled
@@ -193,18 +207,14 @@ class OvDecoder(DecoderSession):
         if b != self.batch or total > self.capacity:
             raise RuntimeError(f"decoder cache holds {self.batch}x{self.capacity}, asked for {b}x{total}")
         request = self.request
-        for name, array in (("inputs_embeds", inputs_embeds), ("attention_mask", attention_mask),
-                            ("position_ids", position_ids), ("logits_positions", logits_positions)):
-            array = np.ascontiguousarray(array, dtype=self.input_dtypes[name])
-            request.set_tensor(name, self.Tensor(array, shared_memory=True))
+        _bind_inputs(request, self.Tensor, self.input_dtypes, inputs_embeds=inputs_embeds,
+                     attention_mask=attention_mask, position_ids=position_ids, logits_positions=logits_positions)
         for past, present, src, dst in zip(self.past_names, self.present_names,
                                            self.buffers[self.current], self.buffers[1 - self.current]):
             request.set_tensor(past, self._view(src, self.past_len))
             request.set_tensor(present, self._view(dst, total))
         request.infer()
-        if (s > 1) not in self.packed:  # prefill and single-token steps pack their weights apart (ov_pages)
-            release_pages(self.weight_files)
-            self.packed.add(s > 1)
+        _release_after_first(self.weight_files, self.packed, s > 1)
         self.current = 1 - self.current
         self.past_len = total
         return request.get_tensor("logits").data.copy()  # (b, k, vocab); the request reuses its memory
@@ -279,14 +289,10 @@ class OvStatefulDecoder(DecoderSession):
         if b != self.batch:
             raise RuntimeError(f"decoder cache holds {self.batch} sequences, asked for {b}")
         request = self.request
-        for name, array in (("inputs_embeds", inputs_embeds), ("attention_mask", attention_mask),
-                            ("position_ids", position_ids), ("logits_positions", logits_positions)):
-            array = np.ascontiguousarray(array, dtype=self.input_dtypes[name])
-            request.set_tensor(name, self.Tensor(array, shared_memory=True))
+        _bind_inputs(request, self.Tensor, self.input_dtypes, inputs_embeds=inputs_embeds,
+                     attention_mask=attention_mask, position_ids=position_ids, logits_positions=logits_positions)
         request.infer()
-        if (s > 1) not in self.packed:  # as OvDecoder: drop the mapped weight pages once each step kind has run
-            release_pages(self.weight_files)
-            self.packed.add(s > 1)
+        _release_after_first(self.weight_files, self.packed, s > 1)
         self.past_len += s
         self.capacity = max(self.capacity, self.past_len)
         return request.get_tensor("logits").data.copy()
