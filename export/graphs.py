@@ -5,6 +5,9 @@ plain ops, so that the exported ONNX holds only standard operators (no fused att
 so that the precision of every op is decided here: in fp16 graphs the matmuls and the KV cache are fp16, while
 LayerNorm, RMSNorm, softmax and the residual stream stay fp32 (FP16 residual sums and norms are where ViTs lose
 accuracy).
+
+The decoder's graph is built from the weights op for op (graphs_portable.py) rather than exported: `Decoder` here is
+its statement, and the reference a test holds the built graph to (torch.onnx's export of it, output for output).
 """
 
 from __future__ import annotations

@@ -32,34 +32,12 @@ import numpy as np
 from vl_export.manifest import GraphEntry
 from vl_export.spec import ModelSpec
 
+from .graph_builder import WeightGraph, graph_inputs, to_numpy, transposed
 from .graphs_inplace import inplace_io
 
 OPSET = 21
 MS = "com.microsoft"
 FORM = "gqa"  # the manifest's decoder form (GraphEntry.form) for this graph
-
-
-def _dtype(name: str):
-    import onnx_ir as ir
-
-    return ir.DataType.from_numpy(np.dtype(name))
-
-
-def _np(t) -> np.ndarray:
-    return t.detach().to("cpu").float().numpy()
-
-
-def _transposed(weights: list, rows: int = 8192) -> np.ndarray:
-    """[W_0; W_1; ...].T as one C-ordered fp32 (in, out) array, filled a block of rows at a time: no whole fp32 copy
-    of a bf16 weight beside its transposed copy (lm_head: 2 x 0.54 GB at Qwen2.5-0.5B)."""
-    out = np.empty((weights[0].shape[1], sum(w.shape[0] for w in weights)), np.float32)
-    column = 0
-    for w in weights:
-        for start in range(0, w.shape[0], rows):
-            block = _np(w[start : start + rows])  # (rows, in)
-            out[:, column + start : column + start + block.shape[0]] = block.T
-        column += w.shape[0]
-    return out
 
 
 def rotary_tables(inv_freq, positions: int) -> tuple[np.ndarray, np.ndarray]:
@@ -78,40 +56,14 @@ def build_gqa_decoder(model, spec: ModelSpec, path: Path) -> GraphEntry:
     from .onnx_export import EXTERNAL_DATA_BYTES
 
     # No upcast of the modules (the exporters' to_full_precision): each weight is read into fp32 only when it is
-    # written (_np), so a bf16 checkpoint stays bf16 through this step. bf16 -> fp32 is exact: the same graph.
+    # written, so a bf16 checkpoint stays bf16 through this step. bf16 -> fp32 is exact: the same graph.
     t = spec.text
     lm = model.model.language_model
     inputs, outputs = inplace_io(spec, "fp32")
-    tape = ir.tape.Tape()
-    weight_bytes = 0
+    g = WeightGraph()
+    tape, const, matmul = g.tape, g.const, g.matmul
 
-    def const(name: str, array: np.ndarray) -> ir.Value:
-        nonlocal weight_bytes
-        weight_bytes += array.nbytes
-        return tape.initializer(ir.tensor(np.asarray(array, order="C"), name=name))  # asarray keeps 0-d scalars 0-d
-
-    def weight(name: str, make, shape: tuple[int, int]) -> ir.Value:
-        """An fp32 initializer made only when it is written: the graph never holds its weights all at once (the
-        exported graph's step peaked at the torch weights alone; README, "Build memory and time")."""
-        nonlocal weight_bytes
-        weight_bytes += 4 * shape[0] * shape[1]
-        tensor = ir.LazyTensor(lambda: ir.tensor(np.asarray(make(), order="C")), ir.DataType.FLOAT, ir.Shape(shape),
-                               name=name)
-        return tape.initializer(tensor)
-
-    def matmul(x: ir.Value, linears: list, name: str) -> ir.Value:
-        """x @ [W_0; W_1; ...].T (+ the biases), one MatMul for projections that read the same input."""
-        shape = (linears[0].weight.shape[1], sum(m.weight.shape[0] for m in linears))  # (in, out)
-        w = weight(f"{name}.weight", lambda: _transposed([m.weight for m in linears]), shape)
-        y = tape.op("MatMul", [x, w], name=f"{name}/MatMul")
-        if linears[0].bias is not None:
-            b = np.concatenate([_np(m.bias) for m in linears])
-            y = tape.op("Add", [y, const(f"{name}.bias", b)], name=f"{name}/Add")
-        return y
-
-    values = {}
-    for spec_t in inputs:
-        values[spec_t.name] = ir.val(spec_t.name, _dtype(spec_t.dtype), spec_t.shape)
+    values = graph_inputs(inputs)
     embeds, mask = values["inputs_embeds"], values["attention_mask"]
     position_ids, logits_positions, write = values["position_ids"], values["logits_positions"], values["write_positions"]
 
@@ -154,7 +106,7 @@ def build_gqa_decoder(model, spec: ModelSpec, path: Path) -> GraphEntry:
     for i, layer in enumerate(lm.layers):
         p = f"layers.{i}"
         attn = layer.self_attn
-        h, residual = _norm(tape, residual, pending, const(f"{p}.input_layernorm.weight", _np(layer.input_layernorm.weight)),
+        h, residual = _norm(tape, residual, pending, const(f"{p}.input_layernorm.weight", to_numpy(layer.input_layernorm.weight)),
                             eps, f"{p}/input_layernorm")
         qkv = matmul(h, [attn.q_proj, attn.k_proj, attn.v_proj], f"{p}.attn.qkv_proj")  # (b, s, q + 2 kv)
         if rotary_inside:
@@ -176,33 +128,24 @@ def build_gqa_decoder(model, spec: ModelSpec, path: Path) -> GraphEntry:
         presents += [present_k, present_v]
         pending = matmul(out, [attn.o_proj], f"{p}.attn.o_proj")
         h, residual = _norm(tape, residual, pending,
-                            const(f"{p}.post_attention_layernorm.weight", _np(layer.post_attention_layernorm.weight)),
+                            const(f"{p}.post_attention_layernorm.weight", to_numpy(layer.post_attention_layernorm.weight)),
                             eps, f"{p}/post_attention_layernorm")
         pending = None
         gate = matmul(h, [layer.mlp.gate_proj], f"{p}.mlp.gate_proj")
         up = matmul(h, [layer.mlp.up_proj], f"{p}.mlp.up_proj")
         act = tape.op("Mul", [gate, tape.op("Sigmoid", [gate], name=f"{p}/mlp/Sigmoid")], name=f"{p}/mlp/Mul_silu")
         pending = matmul(tape.op("Mul", [act, up], name=f"{p}/mlp/Mul"), [layer.mlp.down_proj], f"{p}.mlp.down_proj")
-    x, _ = _norm(tape, residual, pending, const("norm.weight", _np(lm.norm.weight)), eps, "final_norm")
+    x, _ = _norm(tape, residual, pending, const("norm.weight", to_numpy(lm.norm.weight)), eps, "final_norm")
     index = tape.op("Unsqueeze", [logits_positions, i64("const.axes_last", [-1])], name="logits/Unsqueeze")  # (b, k, 1)
     x = tape.op("GatherND", [x, index], {"batch_dims": 1}, name="logits/GatherND")  # (b, k, H)
     logits = ir.val("logits")
     head = model.lm_head.weight
-    tape.op("MatMul", [x, weight("lm_head.weight", lambda: _transposed([head]), (head.shape[1], head.shape[0]))], output=logits,
-            name="lm_head/MatMul")
+    tape.op("MatMul", [x, g.weight("lm_head.weight", lambda: transposed([head]), (head.shape[1], head.shape[0]))],
+            output=logits, name="lm_head/MatMul")
 
-    for value, spec_t in zip((logits, *presents), outputs):
-        value.dtype = _dtype(spec_t.dtype)
-        value.shape = ir.Shape(spec_t.shape)
-    graph = ir.Graph([values[s.name] for s in inputs], [logits, *presents], nodes=tape.nodes,
-                     initializers=tape.initializers, opset_imports={"": OPSET, MS: 1}, name="decoder_gqa")
-    model_ir = ir.Model(graph, ir_version=10, producer_name="vl-export")
-    model_ir.metadata_props.update({"vl_export.role": "decoder", "vl_export.precision": "fp32",
-                                    "vl_export.kv_cache": "in-place", "vl_export.form": FORM})
-    if weight_bytes > EXTERNAL_DATA_BYTES:
-        ir.save(model_ir, path, external_data=path.name + ".data")
-    else:
-        ir.save(model_ir, path)
+    g.save(path, [values[s.name] for s in inputs], [logits, *presents], outputs, "decoder_gqa", {"": OPSET, MS: 1},
+           {"vl_export.role": "decoder", "vl_export.precision": "fp32", "vl_export.kv_cache": "in-place",
+            "vl_export.form": FORM}, EXTERNAL_DATA_BYTES)
     return GraphEntry(role="decoder", file=path.name, precision="fp32", inputs=inputs, outputs=outputs, form=FORM)
 
 

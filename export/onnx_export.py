@@ -96,15 +96,38 @@ def _weight_bytes(module: torch.nn.Module) -> int:
 
 
 def export_graph(role: str, model: torch.nn.Module, spec: ModelSpec, precision: str, out_dir: Path,
-                 release_weights: bool = False) -> GraphEntry:
-    """Export one graph to out_dir/FILES[role]; names, dtypes and axes as `graph_io` says.
+                 release_weights: bool = False, torch_exporter: bool | None = None) -> GraphEntry:
+    """Write one graph to out_dir/FILES[role]; names, dtypes and axes as `graph_io` says.
 
-    The exporter's ONNX IR refers to the torch tensors and is written straight to disk (a graph over
-    EXTERNAL_DATA_BYTES tensor by tensor into its .data file), never copied into a whole protobuf first.
+    The vision encoder and the projector are exported with torch.onnx from their wrappers (graphs.py). The decoder is
+    built from the weights (graphs_portable.py: the same graph, op for op, a test holds the two equal on outputs)
+    unless `torch_exporter` asks for the export of graphs.Decoder, the reference that test builds.
     `release_weights` frees the torch weights only this graph reads once it is written, before the checker
     reads the file back.
     """
     import onnx
+
+    path = out_dir / FILES[role]
+    if torch_exporter is None:
+        torch_exporter = role != "decoder"
+    if torch_exporter:
+        entry = _torch_export(role, model, spec, precision, path)
+    else:
+        from .graphs_portable import build_portable_decoder
+
+        if role != "decoder":
+            raise ValueError(f"only the decoder is built from the weights, not {role}")
+        entry = build_portable_decoder(model, spec, precision, path)
+    if release_weights:
+        release_graph_weights(role, model)
+    onnx.checker.check_model(str(path), full_check=True)
+    return entry
+
+
+def _torch_export(role: str, model: torch.nn.Module, spec: ModelSpec, precision: str, path: Path) -> GraphEntry:
+    """torch.onnx's export of `role`'s wrapper. The exporter's ONNX IR refers to the torch tensors and is written
+    straight to disk (a graph over EXTERNAL_DATA_BYTES tensor by tensor into its .data file), never copied into a
+    whole protobuf first."""
     import onnx_ir as ir
 
     inputs, outputs = graph_io(role, spec, precision)
@@ -112,7 +135,6 @@ def export_graph(role: str, model: torch.nn.Module, spec: ModelSpec, precision: 
     wrapper = WRAPPERS[role](model, spec, TORCH_DTYPES[precision]).eval()
     feeds = example_inputs(inputs)
     args = tuple(torch.from_numpy(feeds[t.name]) for t in inputs)
-    path = out_dir / FILES[role]
     external = _weight_bytes(wrapper) > EXTERNAL_DATA_BYTES
     with warnings.catch_warnings(), _quiet_exporter(), torch.no_grad():
         warnings.simplefilter("ignore")
@@ -136,9 +158,6 @@ def export_graph(role: str, model: torch.nn.Module, spec: ModelSpec, precision: 
         ir.save(graph_ir, path)
     del program, graph_ir, wrapper
     _forget_exported_graph()
-    if release_weights:
-        release_graph_weights(role, model)
-    onnx.checker.check_model(str(path), full_check=True)
     return GraphEntry(role=role, file=path.name, precision=precision, inputs=inputs, outputs=outputs)
 
 

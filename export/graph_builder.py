@@ -1,0 +1,108 @@
+"""What the decoders built from the weights (graphs_gqa.py, graphs_portable.py) share: an onnx_ir tape whose weight
+initializers are made only when the graph is written, one weight at a time, and the graph's saving.
+
+A weight is read into fp32 (then the graph's dtype) only when it is written, so a bf16 checkpoint stays bf16 through
+the step and the graph never holds all its weights at once: the step's peak is the torch weights plus one weight
+(the exported graph's step peaked at the torch weights upcast to fp32 plus the exporter's copies).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from vl_export.manifest import TensorSpec
+
+
+def ir_dtype(name: str):
+    import onnx_ir as ir
+
+    return ir.DataType.from_numpy(np.dtype(name))
+
+
+def to_numpy(t) -> np.ndarray:
+    """A torch tensor as fp32 numpy (bf16 -> fp32 is exact)."""
+    return t.detach().to("cpu").float().numpy()
+
+
+def transposed(weights: list, dtype=np.float32, rows: int = 8192) -> np.ndarray:
+    """[W_0; W_1; ...].T as one C-ordered (in, out) array of `dtype`, filled a block of rows at a time: no whole fp32
+    copy of a bf16 weight beside its transposed copy (lm_head: 2 x 0.54 GB at Qwen2.5-0.5B)."""
+    out = np.empty((weights[0].shape[1], sum(w.shape[0] for w in weights)), dtype)
+    column = 0
+    for w in weights:
+        for start in range(0, w.shape[0], rows):
+            block = to_numpy(w[start : start + rows])  # (rows, in)
+            out[:, column + start : column + start + block.shape[0]] = block.T
+        column += w.shape[0]
+    return out
+
+
+class WeightGraph:
+    """A tape of nodes and initializers; `matmul` reads linear layers' weights lazily."""
+
+    def __init__(self, matmul_dtype=np.float32):
+        import onnx_ir as ir
+
+        self.tape = ir.tape.Tape()
+        self.weight_bytes = 0
+        self.matmul_dtype = np.dtype(matmul_dtype)
+        self._ints = 0
+
+    def const(self, name: str, array: np.ndarray):
+        import onnx_ir as ir
+
+        array = np.asarray(array, order="C")  # asarray keeps 0-d scalars 0-d
+        self.weight_bytes += array.nbytes
+        return self.tape.initializer(ir.tensor(array, name=name))
+
+    def i64(self, values):
+        """An int64 constant (shapes, axes, indices), named by a counter."""
+        self._ints += 1
+        return self.const(f"const.i64.{self._ints}", np.array(values, np.int64))
+
+    def weight(self, name: str, make, shape: tuple[int, int]):
+        """An initializer of the matmul dtype made only when it is written."""
+        import onnx_ir as ir
+
+        self.weight_bytes += self.matmul_dtype.itemsize * shape[0] * shape[1]
+        dtype = ir.DataType.from_numpy(self.matmul_dtype)
+        tensor = ir.LazyTensor(lambda: ir.tensor(np.asarray(make(), order="C")), dtype, ir.Shape(shape), name=name)
+        return self.tape.initializer(tensor)
+
+    def matmul(self, x, linears: list, name: str):
+        """x @ [W_0; W_1; ...].T (+ the biases) in the matmul dtype: one MatMul for projections that read the same
+        input."""
+        shape = (linears[0].weight.shape[1], sum(m.weight.shape[0] for m in linears))  # (in, out)
+        w = self.weight(f"{name}.weight", lambda: transposed([m.weight for m in linears], self.matmul_dtype), shape)
+        y = self.tape.op("MatMul", [x, w], name=f"{name}/MatMul")
+        if linears[0].bias is not None:
+            b = np.concatenate([to_numpy(m.bias) for m in linears]).astype(self.matmul_dtype)
+            y = self.tape.op("Add", [y, self.const(f"{name}.bias", b)], name=f"{name}/Add")
+        return y
+
+    def save(self, path: Path, inputs: list, outputs: list, output_specs: tuple[TensorSpec, ...], name: str,
+             opset_imports: dict[str, int], metadata: dict[str, str], external_bytes: int) -> None:
+        """Write the graph to `path` (external data above `external_bytes` of weights); `outputs` get the specs'
+        dtypes and named shapes."""
+        import onnx_ir as ir
+
+        for value, spec in zip(outputs, output_specs):
+            value.dtype = ir_dtype(spec.dtype)
+            value.shape = ir.Shape(spec.shape)
+        graph = ir.Graph(inputs, outputs, nodes=self.tape.nodes, initializers=self.tape.initializers,
+                         opset_imports=opset_imports, name=name)
+        model = ir.Model(graph, ir_version=10, producer_name="vl-export")
+        model.metadata_props.update(metadata)
+        if self.weight_bytes > external_bytes:
+            ir.save(model, path, external_data=path.name + ".data")
+        else:
+            ir.save(model, path)
+
+
+def graph_inputs(specs: tuple[TensorSpec, ...]) -> dict:
+    """One named graph input per spec."""
+    import onnx_ir as ir
+
+    return {s.name: ir.val(s.name, ir_dtype(s.dtype), ir.Shape(s.shape)) for s in specs}

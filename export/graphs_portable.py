@@ -1,0 +1,126 @@
+"""The portable decoder (the bundle's `decoder.onnx`) built from the weights, op for op what the torch exporter writes
+for graphs.Decoder, without the torch exporter.
+
+graphs.Decoder stays the readable statement of the graph (and a test holds this one equal to it, fp32 and fp16, both
+decoder families, with a past and with left padding). Building it here instead of exporting it: the exporter
+traced, decomposed and optimised the same 20 nodes per layer for over a minute at Qwen2.5-0.5B (74.7 s of a 354 s
+INT8 build, README "Build memory and time") and held the decoder's weights upcast to fp32 while it did (the build's
+peak); here each weight is read when it is written (graph_builder.WeightGraph).
+
+Standard ONNX operators only (opset 18, as the exported graphs), in the order and precision graphs.Decoder states:
+in fp16 graphs the matmuls and the KV cache are fp16, RMSNorm, rotary, softmax and the residual stream fp32. The
+patterns the rest of vl-export reads are those of the exported graph: each norm ends in Mul(normed, g) feeding the
+q/k/v (gate/up) MatMuls directly in fp32 graphs (SmoothQuant), every weight is the 2-D B input of one MatMul
+(weight-only INT8, INT4), attention is MatMul-Mul-Add-Softmax-MatMul (OpenVINO's attention fusion at prefill), and the
+KV cache is past -> Concat -> present (OpenVINO's MakeStateful, TensorRT's profiles).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from vl_export.manifest import GraphEntry
+from vl_export.spec import ModelSpec
+
+from .graph_builder import WeightGraph, graph_inputs, to_numpy
+
+
+def build_portable_decoder(model, spec: ModelSpec, precision: str, path: Path) -> GraphEntry:
+    """Write `model`'s (InternVLForConditionalGeneration-shaped) portable decoder in `precision` (fp32|fp16) to
+    `path`; inputs and outputs as onnx_export.graph_io says."""
+    import onnx_ir as ir
+
+    from .onnx_export import EXTERNAL_DATA_BYTES, OPSET, graph_io
+
+    t = spec.text
+    lm = model.model.language_model
+    inputs, outputs = graph_io("decoder", spec, precision)
+    wide = np.float16 if precision == "fp16" else np.float32  # the matmuls' and the KV cache's dtype
+    g = WeightGraph(wide)
+    tape, op, i64 = g.tape, g.tape.op, g.i64
+    f32, w_type = ir.DataType.FLOAT, ir.DataType.from_numpy(np.dtype(wide))
+
+    def cast(x, to):  # graphs.Decoder's .to()/.float(): nothing where the dtype does not change
+        return x if to == w_type and wide == np.float32 else op("Cast", [x], {"to": to})
+
+    values = graph_inputs(inputs)
+    embeds, mask, position_ids = values["inputs_embeds"], values["attention_mask"], values["position_ids"]
+    past = [values[s.name] for s in inputs[4:]]
+    heads, kv_heads, d = t.num_heads, t.num_kv_heads, t.head_dim
+    groups = heads // kv_heads
+
+    # The attention bias (b, 1, groups*s, past+s): 0 where the query may see the key (causal and attention_mask),
+    # the most negative float where not; tiled to the stacked query rows (graphs.Decoder._attention_bias).
+    s = op("Gather", [op("Shape", [embeds]), i64(1)], {"axis": 0})
+    past_len = op("Gather", [op("Shape", [past[0]]), i64(2)], {"axis": 0})
+    total = op("Gather", [op("Shape", [mask]), i64(1)], {"axis": 0})
+    query_at = op("Range", [past_len, op("Add", [past_len, s]), i64(1)])  # (s,)
+    key_at = op("Range", [i64(0), total, i64(1)])  # (past+s,)
+    causal = op("LessOrEqual", [op("Unsqueeze", [key_at, i64([0])]), op("Unsqueeze", [query_at, i64([1])])])
+    allowed = op("And", [op("Unsqueeze", [causal, i64([0])]),
+                         op("Unsqueeze", [op("Cast", [mask], {"to": ir.DataType.BOOL}), i64([1])])])  # (b, s, past+s)
+    bias = op("Where", [allowed, g.const("const.zero_f", np.array(0.0, np.float32)),
+                        g.const("const.blocked", np.array(np.finfo(np.float32).min, np.float32))])
+    bias = op("Tile", [op("Unsqueeze", [bias, i64([1])]), i64([1, 1, groups, 1])])
+
+    # Rotary cos/sin (b, 1, s, d) from the position ids, fp32 (graphs.Decoder._rope).
+    inv_freq = g.const("inv_freq", to_numpy(lm.rotary_emb.inv_freq))
+    freqs = op("Mul", [op("Unsqueeze", [op("Cast", [position_ids], {"to": f32}), i64([-1])]), inv_freq])  # (b, s, d/2)
+    angles = op("Concat", [freqs, freqs], {"axis": -1})
+    cos = op("Unsqueeze", [op("Cos", [angles]), i64([1])])
+    sin = op("Unsqueeze", [op("Sin", [angles]), i64([1])])
+    half = d // 2
+
+    def rotate(x):  # x * cos + rotate_half(x) * sin, fp32 (graphs._rotate)
+        first = op("Slice", [x, i64([0]), i64([half]), i64([-1])])
+        second = op("Slice", [x, i64([half]), i64([d]), i64([-1])])
+        rotated = op("Concat", [op("Neg", [second]), first], {"axis": -1})
+        return op("Add", [op("Mul", [x, cos]), op("Mul", [rotated, sin])])
+
+    eps = g.const("const.eps", np.array(t.rms_norm_eps, np.float32))
+    two = g.const("const.two", np.array(2.0, np.float32))
+
+    def rms_norm(x, norm, name: str):  # fp32: g * (x * rsqrt(mean(x^2) + eps)) (graphs._rms_norm)
+        mean = op("ReduceMean", [op("Pow", [x, two]), i64([-1])], {"keepdims": 1})
+        inverse = op("Reciprocal", [op("Sqrt", [op("Add", [mean, eps])])])
+        return op("Mul", [g.const(f"{name}.weight", to_numpy(norm.weight)), op("Mul", [x, inverse])])
+
+    def split_heads(x, n: int):  # (b, s, n*d) -> (b, n, s, d)
+        return op("Transpose", [op("Reshape", [x, i64([0, 0, n, d])])], {"perm": [0, 2, 1, 3]})
+
+    scaling = g.const("const.scaling", np.array(lm.layers[0].self_attn.scaling, wide))
+    x = embeds
+    presents = []
+    for i, layer in enumerate(lm.layers):
+        p, attn = f"layers.{i}", layer.self_attn
+        h = cast(rms_norm(x, layer.input_layernorm, f"{p}.input_layernorm"), w_type)
+        q = rotate(cast(split_heads(g.matmul(h, [attn.q_proj], f"{p}.attn.q_proj"), heads), f32))
+        k = rotate(cast(split_heads(g.matmul(h, [attn.k_proj], f"{p}.attn.k_proj"), kv_heads), f32))
+        v = split_heads(g.matmul(h, [attn.v_proj], f"{p}.attn.v_proj"), kv_heads)
+        key = op("Concat", [past[2 * i], cast(k, w_type)], {"axis": 2}, output=ir.val(f"present.{i}.key"))
+        value = op("Concat", [past[2 * i + 1], v], {"axis": 2}, output=ir.val(f"present.{i}.value"))
+        presents += [key, value]
+        # The query heads that share a KV head stacked along the sequence axis (b, kv_heads, groups*s, d): one
+        # matmul per KV head, no repeated cache (graphs.Decoder._attention says why).
+        q = cast(op("Reshape", [q, i64([0, kv_heads, -1, d])]), w_type)
+        scores = op("Mul", [op("MatMul", [q, op("Transpose", [key], {"perm": [0, 1, 3, 2]})]), scaling])
+        probs = cast(op("Softmax", [op("Add", [cast(scores, f32), bias])], {"axis": -1}), w_type)
+        out = op("Reshape", [op("MatMul", [probs, value]), i64([0, heads, -1, d])])  # (b, heads, s, d)
+        out = op("Reshape", [op("Transpose", [out], {"perm": [0, 2, 1, 3]}), i64([0, 0, heads * d])])
+        x = op("Add", [x, cast(g.matmul(out, [attn.o_proj], f"{p}.attn.o_proj"), f32)])
+        h = cast(rms_norm(x, layer.post_attention_layernorm, f"{p}.post_attention_layernorm"), w_type)
+        gate = g.matmul(h, [layer.mlp.gate_proj], f"{p}.mlp.gate_proj")
+        up = g.matmul(h, [layer.mlp.up_proj], f"{p}.mlp.up_proj")
+        act = op("Mul", [op("Mul", [gate, op("Sigmoid", [gate])]), up])
+        x = op("Add", [x, cast(g.matmul(act, [layer.mlp.down_proj], f"{p}.mlp.down_proj"), f32)])
+    x = rms_norm(x, lm.norm, "norm")
+    index = op("Expand", [op("Unsqueeze", [values["logits_positions"], i64([-1])]),
+                          op("Concat", [op("Shape", [values["logits_positions"]]), i64([t.hidden_size])], {"axis": 0})])
+    x = cast(op("GatherElements", [x, index], {"axis": 1}), w_type)  # (b, k, H)
+    logits = cast(g.matmul(x, [model.lm_head], "lm_head"), f32)
+    logits.name = "logits"
+    g.save(path, [values[s.name] for s in inputs], [logits, *presents], outputs, "decoder", {"": OPSET},
+           {"vl_export.role": "decoder", "vl_export.precision": precision}, EXTERNAL_DATA_BYTES)
+    return GraphEntry(role="decoder", file=path.name, precision=precision, inputs=inputs, outputs=outputs)
