@@ -181,6 +181,18 @@ def w8a8(src: Path, dst: Path, feeds: Feeds, method: str, cache: Path | None,
     return reused
 
 
+def structure_sha256(path: Path) -> str:
+    """A graph's nodes (with their attributes and tensor names) and its inputs and outputs, not its weights: what
+    activation ranges are ranges of."""
+    import hashlib
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    digest = hashlib.sha256()
+    for proto in (*graph.input, *graph.output, *graph.node):
+        digest.update(proto.SerializeToString(deterministic=True))
+    return digest.hexdigest()
+
+
 def activation_matmuls(path: Path) -> list[str]:
     """Names of the MatMuls whose inputs are both activations (attention's QK^T and PV)."""
     model = onnx.load(str(path), load_external_data=False)

@@ -135,21 +135,24 @@ def quantize_bundle(staging: Path, manifest: Manifest, source_sha: str, data, co
     seven_bit = config.backend == "onnxruntime"
     w8a8_recipe = f"w8a8-{method}" + ("-w7" if seven_bit else "")
 
-    def cache_of(variant: str) -> Path:
-        return cache_dir / f"{source_sha[:16]}-{variant}-{method}-{data_sha[:16]}.json"
+    def cache_of(variant: str, graph: Path) -> Path:
+        """Ranges are keyed by the weights (the checkpoint), the graph they are ranges of (its nodes and tensor names:
+        ranges from another vl-export's graph name other tensors), the method and the data."""
+        structure = quantize.structure_sha256(graph)
+        return cache_dir / f"{source_sha[:16]}-{variant}-{structure[:12]}-{method}-{data_sha[:16]}.json"
 
     def calibrated(role: str, feeds, smooth: bool = False):
         variant = f"{role}-smoothquant" if smooth else role  # a smoothed graph has other activation ranges
-        cache = cache_of(variant)
 
-        def quantize_w8a8(src: Path, dst: Path, feeds) -> None:
+        def quantize_w8a8(src: Path, dst: Path, feeds, graph: Path) -> None:
+            cache = cache_of(variant, graph)
             if quantize.w8a8(src, dst, feeds, method, cache, seven_bit_weights=seven_bit):
                 reused.append(role)
                 progress(f"{role}: activation ranges reused from the calibration cache ({cache.name})")
 
         def make(src: Path, dst: Path) -> None:
             if not smooth:
-                return quantize_w8a8(src, dst, feeds)
+                return quantize_w8a8(src, dst, feeds, src)
             # The smoothed fp32 graph replaces src for calibration and Q/DQ; both passes read the same inputs,
             # so the feeds (which run the vision encoder) are computed once.
             from vl_export.calibration import smoothquant
@@ -158,7 +161,7 @@ def quantize_bundle(staging: Path, manifest: Manifest, source_sha: str, data, co
             smoothed = src.with_name(src.stem + ".smoothed.onnx")
             try:
                 smoothquant.smooth(src, smoothed, lambda: iter(once))
-                quantize_w8a8(smoothed, dst, lambda: iter(once))
+                quantize_w8a8(smoothed, dst, lambda: iter(once), src)
             finally:
                 for path in smoothed.parent.glob(smoothed.name + "*"):
                     path.unlink()
@@ -169,7 +172,7 @@ def quantize_bundle(staging: Path, manifest: Manifest, source_sha: str, data, co
     reused += _calibrate_vision_and_projector(staging, fp32, data, pipe, method, cache_of, progress)
 
     def from_cache(role: str):
-        return lambda src, dst: quantize.w8a8(src, dst, None, method, cache_of(role), seven_bit_weights=seven_bit)
+        return lambda src, dst: quantize.w8a8(src, dst, None, method, cache_of(role, src), seven_bit_weights=seven_bit)
 
     if inplace is not None:
         from .decoder_variants import INPLACE
@@ -237,8 +240,8 @@ def _calibrate_vision_and_projector(staging: Path, fp32: dict[str, GraphEntry], 
     ranges the cache already held (a rebuild, or a build resumed after a crash)."""
     from vl_export.calibration.ranges import VisionCalibration, calibrate_vision_and_projector
 
-    job = VisionCalibration(staging / fp32["vision_encoder"].file, staging / fp32["projector"].file,
-                            cache_of("vision_encoder"), cache_of("projector"))
+    vision, projector = staging / fp32["vision_encoder"].file, staging / fp32["projector"].file
+    job = VisionCalibration(vision, projector, cache_of("vision_encoder", vision), cache_of("projector", projector))
     tiles = data.tiles(pipe)
     with step(progress, f"calibrating vision_encoder and projector ({len(tiles)} tiles, one vision pass)"):
         reused = calibrate_vision_and_projector(job, tiles, method, progress)

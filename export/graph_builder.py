@@ -86,6 +86,7 @@ class WeightGraph:
              opset_imports: dict[str, int], metadata: dict[str, str], external_bytes: int) -> None:
         """Write the graph to `path` (external data above `external_bytes` of weights); `outputs` get the specs'
         dtypes and named shapes."""
+        import onnx
         import onnx_ir as ir
 
         for value, spec in zip(outputs, output_specs):
@@ -99,6 +100,9 @@ class WeightGraph:
             ir.save(model, path, external_data=path.name + ".data")
         else:
             ir.save(model, path)
+        # Every value's type and shape in the file, as the exporter writes them: ONNX Runtime's quantizers read them
+        # (its own inference stops at contrib operators). By path: the weights are not read.
+        onnx.shape_inference.infer_shapes_path(str(path), str(path))
 
 
 def graph_inputs(specs: tuple[TensorSpec, ...]) -> dict:

@@ -1,13 +1,14 @@
-"""The portable decoder (the bundle's `decoder.onnx`) built from the weights, op for op what the torch exporter writes
-for graphs.Decoder, without the torch exporter.
+"""The bundle's portable decoder and vision encoder built from the weights, op for op what the torch exporter writes
+for graphs.Decoder and graphs.VisionEncoder, without the torch exporter.
 
-graphs.Decoder stays the readable statement of the graph (and a test holds this one equal to it, fp32 and fp16, both
-decoder families, with a past and with left padding). Building it here instead of exporting it: the exporter
-traced, decomposed and optimised the same 20 nodes per layer for over a minute at Qwen2.5-0.5B (74.7 s of a 354 s
-INT8 build, README "Build memory and time") and held the decoder's weights upcast to fp32 while it did (the build's
-peak); here each weight is read when it is written (graph_builder.WeightGraph).
+graphs.py stays the readable statement of both graphs, and tests hold these equal to torch.onnx's export of it
+(outputs, names, dtypes; fp32 and fp16; both decoder families, both vision encoders). Building them here instead of
+exporting them: the exporter traced, decomposed and optimised the same ~20 nodes per layer for over a minute at
+Qwen2.5-0.5B (74.7 s of a 354 s INT8 build, README "Build memory and time") and 30-40 s for InternViT-300M, and held
+the graph's weights upcast to fp32 while it did (the decoder's export was the build's peak); here each weight is read
+when it is written (graph_builder.WeightGraph).
 
-Standard ONNX operators only (opset 18, as the exported graphs), in the order and precision graphs.Decoder states:
+The decoder. Standard ONNX operators only (opset 18, as the exported graphs), in the order and precision graphs.Decoder states:
 in fp16 graphs the matmuls and the KV cache are fp16, RMSNorm, rotary, softmax and the residual stream fp32. The
 patterns the rest of vl-export reads are those of the exported graph: each norm ends in Mul(normed, g) feeding the
 q/k/v (gate/up) MatMuls directly in fp32 graphs (SmoothQuant), every weight is the 2-D B input of one MatMul
@@ -124,3 +125,86 @@ def build_portable_decoder(model, spec: ModelSpec, precision: str, path: Path) -
     g.save(path, [values[s.name] for s in inputs], [logits, *presents], outputs, "decoder", {"": OPSET},
            {"vl_export.role": "decoder", "vl_export.precision": precision}, EXTERNAL_DATA_BYTES)
     return GraphEntry(role="decoder", file=path.name, precision=precision, inputs=inputs, outputs=outputs)
+
+
+def build_vision_encoder(model, spec: ModelSpec, precision: str, path: Path) -> GraphEntry:
+    """Write `model`'s vision encoder in `precision` (fp32|fp16) to `path`, as torch.onnx exports graphs.VisionEncoder:
+    the patterns ONNX Runtime's fusions (calibration/ort_fusions.py) rewrite are the exporter's -- Reshape/Transpose
+    (perms 0213, 0231, 0213) around MatMul-Mul-Softmax-MatMul, and x * (0.5 * (erf(x / sqrt 2) + 1)) -- and the
+    weights are MatMul B inputs (in, out), so the quantizers see the same graph. fp16: the matmuls and the conv in
+    fp16, norms, softmax and the residual stream in fp32 (graphs.VisionEncoder)."""
+    import onnx_ir as ir
+    from torch import nn
+
+    from .onnx_export import EXTERNAL_DATA_BYTES, OPSET, graph_io
+
+    v = spec.vision
+    tower = model.model.vision_tower
+    inputs, outputs = graph_io("vision_encoder", spec, precision)
+    wide = np.float16 if precision == "fp16" else np.float32
+    g = WeightGraph(wide)
+    op, i64 = g.tape.op, g.i64
+    f32, w_type = ir.DataType.FLOAT, ir.DataType.from_numpy(np.dtype(wide))
+
+    def cast(x, to):
+        return x if wide == np.float32 else op("Cast", [x], {"to": to})
+
+    def const(name, t, dtype=np.float32):
+        return g.const(name, to_numpy(t).astype(dtype))
+
+    two = []  # the exponent of the RMSNorms' Pow, made with the first one (InternViT-300M has none)
+
+    def norm(x, module, name: str):  # fp32: LayerNorm (InternViT-300M) or RMSNorm (InternViT-6B)
+        if isinstance(module, nn.LayerNorm):
+            return op("LayerNormalization", [x, const(f"{name}.weight", module.weight), const(f"{name}.bias", module.bias)],
+                      {"axis": -1, "epsilon": float(module.eps), "stash_type": 1})
+        if not two:
+            two.append(g.const("const.two", np.array(2.0, np.float32)))
+        mean = op("ReduceMean", [op("Pow", [x, two[0]]), i64([-1])], {"keepdims": 1})
+        eps = g.const(f"{name}.eps", np.array(module.variance_epsilon, np.float32))
+        inverse = op("Reciprocal", [op("Sqrt", [op("Add", [mean, eps])])])
+        return op("Mul", [const(f"{name}.weight", module.weight), op("Mul", [x, inverse])])
+
+    positions, c, heads, d = v.num_positions, v.hidden_size, v.num_heads, v.head_dim
+    pixels = graph_inputs(inputs)["pixel_values"]
+    emb = tower.embeddings
+    conv = emb.patch_embeddings.projection
+    x = op("Conv", [cast(pixels, w_type), const("patch_embedding.weight", conv.weight, wide),
+                    const("patch_embedding.bias", conv.bias, wide)],
+           {"kernel_shape": list(conv.kernel_size), "strides": list(conv.stride), "pads": [0, 0, 0, 0],
+            "dilations": [1, 1], "group": 1})
+    x = op("Transpose", [op("Reshape", [cast(x, f32), i64([-1, c, positions - 1])], {"allowzero": 1})], {"perm": [0, 2, 1]})
+    tiles = op("Shape", [pixels], {"start": 0, "end": 1})
+    cls = op("Expand", [const("cls_token", emb.cls_token), op("Concat", [tiles, i64([1]), i64([1])], {"axis": 0})])
+    x = op("Add", [op("Concat", [cls, x], {"axis": 1}), const("position_embeddings", emb.position_embeddings)])
+    scale = g.const("attention.scale", np.array(tower.encoder.layer[0].attention.scale, wide))
+    heads_shape, merged_shape = i64([-1, positions, heads, d]), i64([-1, positions, c])
+    gelu_constants = [g.const(f"gelu.{n}", np.array(value, wide)) for n, value in (("sqrt2", np.sqrt(2.0)),
+                                                                                     ("one", 1.0), ("half", 0.5))]
+    for i, layer in enumerate(tower.encoder.layer):
+        p, attn = f"layers.{i}", layer.attention
+        h = cast(norm(x, layer.layernorm_before, f"{p}.norm1"), w_type)
+        q, k, v_ = (g.matmul(h, [proj], f"{p}.attn.{n}") for proj, n in ((attn.q_proj, "q"), (attn.k_proj, "k"),
+                                                                          (attn.v_proj, "v")))
+        if v.qk_normalization:  # RMSNorm over all heads of q and of k, in fp32
+            q = cast(norm(cast(q, f32), attn.q_norm, f"{p}.attn.q_norm"), w_type)
+            k = cast(norm(cast(k, f32), attn.k_norm, f"{p}.attn.k_norm"), w_type)
+        q, k, v_ = (op("Reshape", [t, heads_shape], {"allowzero": 1}) for t in (q, k, v_))
+        scores = op("MatMul", [op("Transpose", [q], {"perm": [0, 2, 1, 3]}), op("Transpose", [k], {"perm": [0, 2, 3, 1]})])
+        probs = cast(op("Softmax", [cast(op("Mul", [scores, scale]), f32)], {"axis": -1}), w_type)
+        out = op("MatMul", [probs, op("Transpose", [v_], {"perm": [0, 2, 1, 3]})])
+        out = op("Reshape", [op("Transpose", [out], {"perm": [0, 2, 1, 3]}), merged_shape], {"allowzero": 1})
+        out = cast(g.matmul(out, [attn.projection_layer], f"{p}.attn.proj"), f32)
+        x = op("Add", [x, op("Mul", [const(f"{p}.lambda_1", layer.lambda_1), out])])
+        h = g.matmul(cast(norm(x, layer.layernorm_after, f"{p}.norm2"), w_type), [layer.mlp.fc1], f"{p}.mlp.fc1")
+        sqrt2, one, half = gelu_constants
+        h = op("Mul", [h, op("Mul", [half, op("Add", [op("Erf", [op("Div", [h, sqrt2])]), one])])])
+        out = cast(g.matmul(h, [layer.mlp.fc2], f"{p}.mlp.fc2"), f32)
+        x = op("Add", [x, op("Mul", [const(f"{p}.lambda_2", layer.lambda_2), out])])
+    x.name = "vision_features"
+    g.save(path, [pixels], [x], outputs, "vision_encoder", {"": OPSET},
+           {"vl_export.role": "vision_encoder", "vl_export.precision": precision}, EXTERNAL_DATA_BYTES)
+    return GraphEntry(role="vision_encoder", file=path.name, precision=precision, inputs=inputs, outputs=outputs)
+
+
+BUILDERS = {"decoder": build_portable_decoder, "vision_encoder": build_vision_encoder}

@@ -99,25 +99,25 @@ def export_graph(role: str, model: torch.nn.Module, spec: ModelSpec, precision: 
                  release_weights: bool = False, torch_exporter: bool | None = None) -> GraphEntry:
     """Write one graph to out_dir/FILES[role]; names, dtypes and axes as `graph_io` says.
 
-    The vision encoder and the projector are exported with torch.onnx from their wrappers (graphs.py). The decoder is
-    built from the weights (graphs_portable.py: the same graph, op for op, a test holds the two equal on outputs)
-    unless `torch_exporter` asks for the export of graphs.Decoder, the reference that test builds.
+    The decoder and the vision encoder are built from the weights (graphs_portable.py: the graphs torch.onnx exports
+    of graphs.py's wrappers, op for op; tests hold the two equal on outputs) unless `torch_exporter` asks for that
+    export, the reference those tests build; the projector (2 matmuls) is exported with torch.onnx.
     `release_weights` frees the torch weights only this graph reads once it is written, before the checker
     reads the file back.
     """
     import onnx
 
+    from .graphs_portable import BUILDERS
+
     path = out_dir / FILES[role]
     if torch_exporter is None:
-        torch_exporter = role != "decoder"
+        torch_exporter = role not in BUILDERS
     if torch_exporter:
         entry = _torch_export(role, model, spec, precision, path)
+    elif role in BUILDERS:
+        entry = BUILDERS[role](model, spec, precision, path)
     else:
-        from .graphs_portable import build_portable_decoder
-
-        if role != "decoder":
-            raise ValueError(f"only the decoder is built from the weights, not {role}")
-        entry = build_portable_decoder(model, spec, precision, path)
+        raise ValueError(f"{role} is not built from the weights (only {', '.join(BUILDERS)})")
     if release_weights:
         release_graph_weights(role, model)
     onnx.checker.check_model(str(path), full_check=True)

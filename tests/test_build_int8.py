@@ -129,6 +129,20 @@ def test_rebuild_on_the_same_data_reuses_the_calibration_cache(bundle_int8, tiny
     assert not any(line.startswith("calibrating: ") for line in lines)  # no tile ran again
 
 
+def test_ranges_of_another_graph_are_not_reused(bundle_int8, tiny, tmp_path, monkeypatch):
+    """The cache is keyed by the graph its ranges name tensors of: with the vision encoder exported by torch.onnx (as
+    vl-export did before it built that graph from the weights: the same values, other tensor names) it is calibrated
+    again; the unchanged projector's ranges are reused."""
+    from vl_export.export import graphs_portable
+
+    monkeypatch.delitem(graphs_portable.BUILDERS, "vision_encoder")
+    lines = []
+    build_bundle(str(tiny["original"]), tmp_path / "other", BuildConfig(precision="int8", verify=False),
+                 progress=lines.append)
+    assert Manifest.load(tmp_path / "other").calibration["cache_reused_for"] == ["projector"]
+    assert any(line.startswith("calibrating: ") for line in lines)
+
+
 def test_fp16_build_verifies(tiny, tmp_path):
     manifest = build_bundle(str(tiny["original"]), tmp_path / "fp16", BuildConfig(precision="fp16"), progress=lambda _: None)
     assert manifest.verification["passed"] and manifest.verification["precision"] == "fp16"

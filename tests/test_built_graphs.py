@@ -1,0 +1,87 @@
+"""The decoder and vision encoder built from the weights (export/graphs_portable.py) against what they replace:
+torch.onnx's export of graphs.Decoder / graphs.VisionEncoder, and those wrappers run in torch. Both decoder families
+(Qwen2 with q/k/v biases, InternLM2 without), both vision encoders (InternViT-300M: LayerNorm, qkv bias;
+InternViT-6B: RMSNorm, q/k norm, no bias), fp32 and fp16; the decoder with a past, a left-padded row and two logits
+positions per row."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from vl_export.export.bundle import load_checkpoint
+from vl_export.export.graphs import Decoder, VisionEncoder
+from vl_export.export.onnx_export import export_graph, graph_io
+
+
+@pytest.fixture(scope="module")
+def members(tiny, tmp_path_factory):
+    """Checkpoints: the session's tiny model (Qwen2 + InternViT-300M) and InternLM2 + InternViT-6B."""
+    from tiny_models import TINY_INTERNLM2_LLM, TINY_INTERNVIT_6B, make_tiny, member_config
+
+    other = make_tiny(tmp_path_factory.mktemp("internlm2-vit6b"), member_config(TINY_INTERNVIT_6B, TINY_INTERNLM2_LLM),
+                      native=False)
+    return {"qwen2+vit300m": tiny["original"], "internlm2+vit6b": other["original"]}
+
+
+def _feeds(role: str, spec, precision: str) -> dict[str, np.ndarray]:
+    inputs = graph_io(role, spec, precision)[0]
+    rng = np.random.default_rng(7)
+    if role == "vision_encoder":
+        return {"pixel_values": rng.standard_normal((2, *inputs[0].shape[1:])).astype(np.float32)}
+    # Two rows after a 3-position past: the first left-padded (its first key masked), logits at two positions.
+    t = spec.text
+    feeds = {"inputs_embeds": rng.standard_normal((2, 5, t.hidden_size)).astype(np.float32),
+             "attention_mask": np.array([[0] + [1] * 7, [1] * 8], np.int64),
+             "position_ids": np.array([[2, 3, 4, 5, 6], [3, 4, 5, 6, 7]], np.int64),
+             "logits_positions": np.array([[3, 4], [0, 4]], np.int64)}
+    for t_in in inputs[4:]:
+        feeds[t_in.name] = rng.standard_normal((2, t.num_kv_heads, 3, t.head_dim)).astype(t_in.dtype)
+    return feeds
+
+
+def _run(path, feeds):
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return [o.name for o in session.get_outputs()], session.run(None, feeds)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+@pytest.mark.parametrize("member", ["qwen2+vit300m", "internlm2+vit6b"])
+@pytest.mark.parametrize("role", ["decoder", "vision_encoder"])
+def test_built_graph_is_the_exported_graph(members, tmp_path, role, member, precision):
+    """Same inputs, outputs, dtypes and names as torch.onnx's export, and the same outputs to within float rounding
+    (measured: equal to the bit on these feeds); the torch wrapper agrees within fp32 rounding (fp32) or fp16
+    rounding of the matmuls (fp16)."""
+    import onnx
+
+    paths = {}
+    for how in ("built", "exported"):
+        ck = load_checkpoint(str(members[member]), lambda _: None)
+        (tmp_path / how).mkdir()
+        entry = export_graph(role, ck.model, ck.spec, precision, tmp_path / how, torch_exporter=how == "exported")
+        paths[how] = tmp_path / how / entry.file
+    graphs = {how: onnx.load(str(p)).graph for how, p in paths.items()}
+    assert [(v.name, v.type) for v in graphs["built"].input] == [(v.name, v.type) for v in graphs["exported"].input]
+    assert [(v.name, v.type) for v in graphs["built"].output] == [(v.name, v.type) for v in graphs["exported"].output]
+    feeds = _feeds(role, ck.spec, precision)
+    names, built = _run(paths["built"], feeds)
+    _, exported = _run(paths["exported"], feeds)
+    for name, got, want in zip(names, built, exported):
+        assert got.dtype == want.dtype and got.shape == want.shape, name
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 if precision == "fp32" else 2e-3, err_msg=name)
+
+    ck = load_checkpoint(str(members[member]), lambda _: None)
+    ck.model.float()
+    dtype = torch.float16 if precision == "fp16" else torch.float32
+    wrapper = (Decoder if role == "decoder" else VisionEncoder)(ck.model, ck.spec, dtype).eval()
+    with torch.no_grad():
+        torch_out = wrapper(*[torch.from_numpy(feeds[n]) for n in feeds])
+    torch_out = [t.float().numpy() for t in (torch_out if isinstance(torch_out, tuple) else (torch_out,))]
+    scale = float(np.abs(torch_out[0]).max())
+    assert scale > 0.1  # outputs that say something
+    limit = 1e-5 if precision == "fp32" else 2e-2  # fp16: torch's and ONNX Runtime's fp16 matmuls round apart
+    for got, want in zip(built, torch_out):
+        assert float(np.abs(got.astype(np.float32) - want).max()) <= limit * max(1.0, scale)
