@@ -100,9 +100,10 @@ class WeightGraph:
             ir.save(model, path, external_data=path.name + ".data")
         else:
             ir.save(model, path)
-        # Every value's type and shape in the file, as the exporter writes them: ONNX Runtime's quantizers read them
-        # (its own inference stops at contrib operators). By path: the weights are not read.
-        onnx.shape_inference.infer_shapes_path(str(path), str(path))
+        # Every value's type and shape in the file, as the exporter writes them: ONNX Runtime's quantizers read the
+        # types (its own inference stops at contrib operators), its allocation planner the named axes. Data
+        # propagation carries them through Shape -> Concat -> Expand. By path: the weights are not read.
+        onnx.shape_inference.infer_shapes_path(str(path), str(path), data_prop=True)
 
 
 def graph_inputs(specs: tuple[TensorSpec, ...]) -> dict:
