@@ -102,8 +102,11 @@ class WeightGraph:
             ir.save(model, path)
         # Every value's type and shape in the file, as the exporter writes them: ONNX Runtime's quantizers read the
         # types (its own inference stops at contrib operators), its allocation planner the named axes. Data
-        # propagation carries them through Shape -> Concat -> Expand. By path: the weights are not read.
-        onnx.shape_inference.infer_shapes_path(str(path), str(path), data_prop=True)
+        # propagation carries them through Shape -> Concat -> Expand. By path: the weights are not read. Not for
+        # graphs with contrib operators (the GQA decoder), whose values after them ONNX's inference cannot type:
+        # ONNX Runtime infers those itself, as it always has for that graph.
+        if set(opset_imports) == {""}:
+            onnx.shape_inference.infer_shapes_path(str(path), str(path), data_prop=True)
 
 
 def graph_inputs(specs: tuple[TensorSpec, ...]) -> dict:
