@@ -1,5 +1,6 @@
-"""What the decoders built from the weights (graphs_gqa.py, graphs_portable.py) share: an onnx_ir tape whose weight
-initializers are made only when the graph is written, one weight at a time, and the graph's saving.
+"""What the graphs built from the weights (graphs_gqa.py, graphs_portable.py) share: an onnx_ir tape whose weight
+initializers are made only when the graph is written, one weight at a time, the casts and the RMSNorm of graphs.py's
+precision rules, and the graph's saving.
 
 A weight is read into fp32 (then the graph's dtype) only when it is written, so a bf16 checkpoint stays bf16 through
 the step and the graph never holds all its weights at once: the step's peak is the torch weights plus one weight
@@ -48,7 +49,9 @@ class WeightGraph:
         self.tape = ir.tape.Tape()
         self.weight_bytes = 0
         self.matmul_dtype = np.dtype(matmul_dtype)
+        self.wide = ir.DataType.from_numpy(self.matmul_dtype)  # the matmuls' (and a decoder's KV cache's) dtype
         self._ints = 0
+        self._two = None  # RMSNorm's exponent, made with the first RMSNorm
 
     def const(self, name: str, array: np.ndarray):
         import onnx_ir as ir
@@ -62,13 +65,27 @@ class WeightGraph:
         self._ints += 1
         return self.const(f"const.i64.{self._ints}", np.array(values, np.int64))
 
+    def cast(self, x, to):
+        """graphs.py's .to()/.float(): in an fp32 graph every value is fp32 already, so nothing."""
+        if self.matmul_dtype == np.float32:
+            return x
+        return self.tape.op("Cast", [x], {"to": to})
+
+    def rms_norm(self, x, weight, eps):
+        """weight * (x * rsqrt(mean(x^2) + eps)), fp32, as graphs._rms_norm exports (`weight`, `eps`: values)."""
+        if self._two is None:
+            self._two = self.const("const.two", np.array(2.0, np.float32))
+        op = self.tape.op
+        mean = op("ReduceMean", [op("Pow", [x, self._two]), self.i64([-1])], {"keepdims": 1})
+        inverse = op("Reciprocal", [op("Sqrt", [op("Add", [mean, eps])])])
+        return op("Mul", [weight, op("Mul", [x, inverse])])
+
     def weight(self, name: str, make, shape: tuple[int, int]):
         """An initializer of the matmul dtype made only when it is written."""
         import onnx_ir as ir
 
         self.weight_bytes += self.matmul_dtype.itemsize * shape[0] * shape[1]
-        dtype = ir.DataType.from_numpy(self.matmul_dtype)
-        tensor = ir.LazyTensor(lambda: ir.tensor(np.asarray(make(), order="C")), dtype, ir.Shape(shape), name=name)
+        tensor = ir.LazyTensor(lambda: ir.tensor(np.asarray(make(), order="C")), self.wide, ir.Shape(shape), name=name)
         return self.tape.initializer(tensor)
 
     def matmul(self, x, linears: list, name: str):

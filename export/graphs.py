@@ -6,8 +6,9 @@ so that the precision of every op is decided here: in fp16 graphs the matmuls an
 LayerNorm, RMSNorm, softmax and the residual stream stay fp32 (FP16 residual sums and norms are where ViTs lose
 accuracy).
 
-The decoder's graph is built from the weights op for op (graphs_portable.py) rather than exported: `Decoder` here is
-its statement, and the reference a test holds the built graph to (torch.onnx's export of it, output for output).
+The decoder's and the vision encoder's graphs are built from the weights op for op (graphs_portable.py) rather than
+exported: `Decoder` and `VisionEncoder` here are their statement, and the reference tests hold the built graphs to
+(torch.onnx's export of them, output for output). The projector is exported from `Projector`.
 """
 
 from __future__ import annotations

@@ -40,11 +40,8 @@ def build_portable_decoder(model, spec: ModelSpec, precision: str, path: Path) -
     inputs, outputs = graph_io("decoder", spec, precision)
     wide = np.float16 if precision == "fp16" else np.float32  # the matmuls' and the KV cache's dtype
     g = WeightGraph(wide)
-    tape, op, i64 = g.tape, g.tape.op, g.i64
-    f32, w_type = ir.DataType.FLOAT, ir.DataType.from_numpy(np.dtype(wide))
-
-    def cast(x, to):  # graphs.Decoder's .to()/.float(): nothing where the dtype does not change
-        return x if to == w_type and wide == np.float32 else op("Cast", [x], {"to": to})
+    op, i64, cast = g.tape.op, g.i64, g.cast
+    f32, w_type = ir.DataType.FLOAT, g.wide
 
     values = graph_inputs(inputs)
     embeds, mask, position_ids = values["inputs_embeds"], values["attention_mask"], values["position_ids"]
@@ -90,12 +87,9 @@ def build_portable_decoder(model, spec: ModelSpec, precision: str, path: Path) -
         return op("Add", [op("Mul", [x, cos]), op("Mul", [rotated, sin])])
 
     eps = g.const("const.eps", np.array(t.rms_norm_eps, np.float32))
-    two = g.const("const.two", np.array(2.0, np.float32))
 
-    def rms_norm(x, norm, name: str):  # fp32: g * (x * rsqrt(mean(x^2) + eps)) (graphs._rms_norm)
-        mean = op("ReduceMean", [op("Pow", [x, two]), i64([-1])], {"keepdims": 1})
-        inverse = op("Reciprocal", [op("Sqrt", [op("Add", [mean, eps])])])
-        return op("Mul", [g.const(f"{name}.weight", to_numpy(norm.weight)), op("Mul", [x, inverse])])
+    def rms_norm(x, norm, name: str):
+        return g.rms_norm(x, g.const(f"{name}.weight", to_numpy(norm.weight)), eps)
 
     def split_heads(x, n: int):  # (b, s, n*d) -> (b, n, s, d)
         return op("Transpose", [op("Reshape", [x, i64([0, 0, n, d])])], {"perm": [0, 2, 1, 3]})
@@ -154,27 +148,18 @@ def build_vision_encoder(model, spec: ModelSpec, precision: str, path: Path) -> 
     inputs, outputs = graph_io("vision_encoder", spec, precision)
     wide = np.float16 if precision == "fp16" else np.float32
     g = WeightGraph(wide)
-    op, i64 = g.tape.op, g.i64
-    f32, w_type = ir.DataType.FLOAT, ir.DataType.from_numpy(np.dtype(wide))
-
-    def cast(x, to):
-        return x if wide == np.float32 else op("Cast", [x], {"to": to})
+    op, i64, cast = g.tape.op, g.i64, g.cast
+    f32, w_type = ir.DataType.FLOAT, g.wide
 
     def const(name, t, dtype=np.float32):
         return g.const(name, to_numpy(t).astype(dtype))
-
-    two = []  # the exponent of the RMSNorms' Pow, made with the first one (InternViT-300M has none)
 
     def norm(x, module, name: str):  # fp32: LayerNorm (InternViT-300M) or RMSNorm (InternViT-6B)
         if isinstance(module, nn.LayerNorm):
             return op("LayerNormalization", [x, const(f"{name}.weight", module.weight), const(f"{name}.bias", module.bias)],
                       {"axis": -1, "epsilon": float(module.eps), "stash_type": 1})
-        if not two:
-            two.append(g.const("const.two", np.array(2.0, np.float32)))
-        mean = op("ReduceMean", [op("Pow", [x, two[0]]), i64([-1])], {"keepdims": 1})
         eps = g.const(f"{name}.eps", np.array(module.variance_epsilon, np.float32))
-        inverse = op("Reciprocal", [op("Sqrt", [op("Add", [mean, eps])])])
-        return op("Mul", [const(f"{name}.weight", module.weight), op("Mul", [x, inverse])])
+        return g.rms_norm(x, const(f"{name}.weight", module.weight), eps)
 
     positions, c, heads, d = v.num_positions, v.hidden_size, v.num_heads, v.head_dim
     pixels = graph_inputs(inputs)["pixel_values"]
