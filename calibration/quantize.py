@@ -156,7 +156,7 @@ def w8a8(src: Path, dst: Path, feeds: Feeds, method: str, cache: Path | None,
     """
     import tempfile
 
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from .static_qdq import write_w8a8
 
     _quiet()
     with tempfile.TemporaryDirectory(prefix="vl-export-calib-") as tmp:
@@ -164,21 +164,20 @@ def w8a8(src: Path, dst: Path, feeds: Feeds, method: str, cache: Path | None,
         reused = ranges.is_file()
         if not reused:
             calibrate(src, feeds, method, ranges, op_types)
-        quantize_static(
-            str(src), str(dst), None,
-            quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=seven_bit_weights, weight_type=QuantType.QInt8,
-            activation_type=QuantType.QInt8, calibrate_method=_ort_method(method), op_types_to_quantize=list(op_types),
-            nodes_to_exclude=activation_matmuls(src) if weights_only_matmuls else [],
-            use_external_data_format=_big(src), calibration_cache_path=ranges,
-            extra_options={
-                "ActivationSymmetric": True,  # TensorRT requires symmetric (zero-point 0) int8
-                "WeightSymmetric": True,
-                # Q/DQ on the inputs of quantized layers only, as TensorRT's placement guide asks: their outputs
-                # feed the bias add and the residual sum in float.
-                "OpTypesToExcludeOutputQuantization": list(op_types),
-            },
-        )
+        # The graph ONNX Runtime's quantize_static(QDQ, per_channel, ActivationSymmetric, WeightSymmetric,
+        # reduce_range=seven_bit_weights, OpTypesToExcludeOutputQuantization=op_types) writes, weight by weight:
+        # Q/DQ on the inputs of quantized layers only, as TensorRT's placement guide asks (their outputs feed the
+        # bias add and the residual sum in float); zero points 0, as TensorRT requires.
+        write_w8a8(src, dst, read_ranges(ranges), op_types,
+                   exclude=activation_matmuls(src) if weights_only_matmuls else (), reduce_range=seven_bit_weights)
     return reused
+
+
+def read_ranges(cache: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """A calibration cache (ONNX Runtime's TensorsData JSON) -> {tensor: (lowest, highest)}."""
+    from onnxruntime.quantization.calibrate import load_tensors_data
+
+    return {name: data.range_value for name, data in load_tensors_data(cache).data.items()}
 
 
 def structure_sha256(path: Path) -> str:
