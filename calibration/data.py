@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from vl_export.calibration import DEFAULT_MAX_TILES
 from vl_export.errors import InputError
 from vl_export.runtime.pipeline import Pipeline
 from vl_export.runtime.preprocess import load_image
@@ -27,6 +28,7 @@ DEFAULT_PROMPTS = (
     "Where is the largest object?",
     "请描述这张图片。",
 )
+
 
 
 def default_images() -> list[Image.Image]:
@@ -56,10 +58,14 @@ class CalibrationSet:
     images: list = field(default_factory=default_images)  # paths or PIL images
     prompts: tuple[str, ...] = DEFAULT_PROMPTS
     source: str = "built-in"
+    max_tiles: int | None = DEFAULT_MAX_TILES  # None: every tile of every image
 
     @classmethod
-    def from_paths(cls, images_dir: str | Path | None = None, prompts_file: str | Path | None = None) -> CalibrationSet:
-        data = cls()
+    def from_paths(cls, images_dir: str | Path | None = None, prompts_file: str | Path | None = None,
+                   max_tiles: int | None = DEFAULT_MAX_TILES) -> CalibrationSet:
+        if max_tiles is not None and max_tiles < 1:
+            raise InputError(f"--calib-tiles must be at least 1 (or 'all'), not {max_tiles}")
+        data = cls(max_tiles=max_tiles)
         if images_dir is not None:
             directory = Path(images_dir)
             if not directory.is_dir():
@@ -89,6 +95,7 @@ class CalibrationSet:
             digest.update(np.asarray(pil).tobytes())
         for prompt in self.prompts:
             digest.update(prompt.encode() + b"\0")
+        digest.update(f"tiles<={self.max_tiles}".encode())  # another cap calibrates on other tiles
         return digest.hexdigest()
 
     def pixel_values(self, pipe: Pipeline) -> list[np.ndarray]:
@@ -96,8 +103,9 @@ class CalibrationSet:
         return [pipe.prepare("", images=[image]).pixel_values for image in self.images]
 
     def tiles(self, pipe: Pipeline) -> Tiles:
-        """Every tile of every image on its own, (1, 3, 448, 448) each, made one image at a time as they are read."""
-        return Tiles(self.images, pipe)
+        """The calibration tiles (at most `max_tiles`, see `chosen_tiles`), (1, 3, 448, 448) each, made one image at a
+        time as they are read."""
+        return Tiles(self.images, pipe, self.max_tiles)
 
     def vision_feeds(self, pipe: Pipeline, tiles_per_feed: int = 1) -> Iterator[dict[str, np.ndarray]]:
         for pixels in self.pixel_values(pipe):
@@ -128,27 +136,61 @@ class CalibrationSet:
             yield feed
 
 
-class Tiles:
-    """The calibration tiles as a sized, lazy sequence: counted up front from the tiling rule alone (for the progress
-    estimate), made one image at a time, so a large calibration set never sits in memory as pixels."""
+def chosen_tiles(crops: list[int], thumbnails: list[bool], limit: int | None) -> list[list[int]]:
+    """Which of each image's tiles calibrate, at most `limit` in all (None: every tile).
 
-    def __init__(self, images: list, pipe: Pipeline):
+    An image's tiles are its crops (indices 0..crops-1, as the runtime makes them) and, after them, its thumbnail.
+    Every image gives its whole view first (the thumbnail, or its only tile), so each image is seen; then the
+    images give crops in turns, one each per round, and each image's chosen crops are spread evenly over its grid.
+    """
+    per_image = [c + t for c, t in zip(crops, thumbnails)]
+    if limit is None or limit >= sum(per_image):
+        return [list(range(n)) for n in per_image]
+    taken = [0] * len(crops)
+    left = limit
+    while left > 0:  # round-robin: the whole view first (round 0), then one more crop per image per round
+        progressed = False
+        for i, n in enumerate(per_image):
+            if left and taken[i] < n:
+                taken[i] += 1
+                left -= 1
+                progressed = True
+        if not progressed:
+            break
+    chosen = []
+    for c, thumb, k in zip(crops, thumbnails, taken):
+        m = k - 1 if thumb and k else k  # crops taken; the centres of m equal runs of the c crops
+        spread = [int((j + 0.5) * c / m) for j in range(m)]
+        chosen.append(spread + ([c] if thumb and k else []))
+    return chosen
+
+
+class Tiles:
+    """The calibration tiles as a sized, lazy sequence: chosen and counted up front from the tiling rule alone (for
+    the progress estimate), made one image at a time, so a large calibration set never sits in memory as pixels."""
+
+    def __init__(self, images: list, pipe: Pipeline, limit: int | None = None):
         from vl_export.runtime.preprocess import closest_grid, target_grids
 
         self._images, self._pipe = images, pipe
         t = pipe.tiling
         grids = target_grids(t.min_tiles, t.max_tiles)
-        self._count = 0
+        crops, thumbnails = [], []
         for image in images:
             pil = load_image(image)
             cols, rows = closest_grid(pil.width, pil.height, grids, t.image_size)
-            self._count += cols * rows + (1 if t.use_thumbnail and cols * rows != 1 else 0)
+            crops.append(cols * rows)
+            thumbnails.append(t.use_thumbnail and cols * rows != 1)
+        self.total = sum(crops) + sum(thumbnails)  # every tile of every image
+        self._chosen = chosen_tiles(crops, thumbnails, limit)
 
     def __len__(self) -> int:
-        return self._count
+        return sum(map(len, self._chosen))
 
     def __iter__(self) -> Iterator[np.ndarray]:
-        for image in self._images:
+        for image, chosen in zip(self._images, self._chosen):
+            if not chosen:
+                continue
             pixels = self._pipe.prepare("", images=[image]).pixel_values  # (tiles, 3, 448, 448)
-            for i in range(len(pixels)):
+            for i in chosen:
                 yield pixels[i : i + 1]

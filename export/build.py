@@ -8,6 +8,7 @@ import gc
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vl_export.calibration import DEFAULT_MAX_TILES
 from vl_export.errors import InputError, VerificationFailed
 from vl_export.files import Progress, stderr_progress, step
 from vl_export.manifest import ROLES, GraphEntry, Manifest
@@ -27,6 +28,7 @@ class BuildConfig:
     calib_images: str | None = None
     calib_prompts: str | None = None
     calib_method: str = "minmax"
+    calib_tiles: int | None = DEFAULT_MAX_TILES  # at most this many calibration tiles; None: all of them
     decoder_recipe: str = "weight-only"
     int4_lm_head: str | None = None  # ONNX Runtime's INT4 decoder: lm_head "int4" (None: the default) or "int8"
     verify: bool = True
@@ -70,7 +72,8 @@ def _build_bundle(model: str, out: Path, config: BuildConfig, progress: Progress
     if config.precision in ("int8", "int4"):
         from vl_export.calibration.data import CalibrationSet
 
-        calibration = CalibrationSet.from_paths(config.calib_images, config.calib_prompts)  # bad data fails first
+        calibration = CalibrationSet.from_paths(config.calib_images, config.calib_prompts,  # bad data fails first
+                                                config.calib_tiles)
     ck = load_checkpoint(model, progress, stored_dtype=True)  # each graph's weights upcast when it is exported
     path, sha = ck.path, ck.sha256
     with output_directory(ck, Path(out), config.overwrite) as staging:
@@ -225,6 +228,7 @@ def quantize_bundle(staging: Path, manifest: Manifest, source_sha: str, data, co
         "data_sha256": data_sha,
         "data": data.source,
         "images": len(data.images),
+        "max_tiles": data.max_tiles,
         "prompts": len(data.prompts),
         "decoder_recipe": config.decoder_recipe,
         "cache_reused_for": reused,
@@ -243,7 +247,8 @@ def _calibrate_vision_and_projector(staging: Path, fp32: dict[str, GraphEntry], 
     vision, projector = staging / fp32["vision_encoder"].file, staging / fp32["projector"].file
     job = VisionCalibration(vision, projector, cache_of("vision_encoder", vision), cache_of("projector", projector))
     tiles = data.tiles(pipe)
-    with step(progress, f"calibrating vision_encoder and projector ({len(tiles)} tiles, one vision pass)"):
+    of = f" of {tiles.total}" if len(tiles) < tiles.total else ""
+    with step(progress, f"calibrating vision_encoder and projector ({len(tiles)}{of} tiles, one vision pass)"):
         reused = calibrate_vision_and_projector(job, tiles, method, progress)
     for role in reused:
         cache = job.vision_cache if role == "vision_encoder" else job.projector_cache

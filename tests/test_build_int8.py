@@ -127,6 +127,14 @@ def test_rebuild_on_the_same_data_reuses_the_calibration_cache(bundle_int8, tiny
     said = [line.split(":")[0] for line in lines if "activation ranges reused from the calibration cache" in line]
     assert said == ["vision_encoder", "projector"]
     assert not any(line.startswith("calibrating: ") for line in lines)  # no tile ran again
+    # Every tile instead of the default cap is other calibration data: nothing is reused, and the step says so.
+    lines.clear()
+    build_bundle(str(tiny["original"]), tmp_path / "all", BuildConfig(precision="int8", verify=False, calib_tiles=None),
+                 progress=lines.append)
+    assert Manifest.load(tmp_path / "all").calibration["cache_reused_for"] == []
+    capped = next(line for line in BUILD_LINES if line.startswith("calibrating vision_encoder and projector ("))
+    full = next(line for line in lines if line.startswith("calibrating vision_encoder and projector ("))
+    assert " of " in capped and " of " not in full, (capped, full)
 
 
 def test_ranges_of_another_graph_are_not_reused(bundle_int8, tiny, tmp_path, monkeypatch):

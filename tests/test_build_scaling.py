@@ -335,3 +335,41 @@ def test_a_bf16_checkpoint_is_held_in_bf16_and_exports_the_graphs_of_its_fp32_lo
         for key, want in graphs["whole"].items():
             assert graphs["held"][key].dtype == want.dtype, key
             assert np.array_equal(graphs["held"][key], want), (role, key)
+
+
+def test_tile_cap_sees_every_image_whole_first_then_crops_spread_in_turns():
+    from vl_export.calibration.data import chosen_tiles
+
+    crops, thumbs = [6, 2, 1, 3], [True, True, False, True]  # a 3x2 photo, a 1x2, a single tile, a 3x1
+    assert chosen_tiles(crops, thumbs, None) == [[0, 1, 2, 3, 4, 5, 6], [0, 1, 2], [0], [0, 1, 2, 3]]
+    assert chosen_tiles(crops, thumbs, 100) == chosen_tiles(crops, thumbs, None)
+    assert chosen_tiles(crops, thumbs, 2) == [[6], [2], [], []]  # whole views (thumbnails are last) before any crop
+    assert chosen_tiles(crops, thumbs, 4) == [[6], [2], [0], [3]]
+    assert chosen_tiles(crops, thumbs, 7) == [[3, 6], [1, 2], [0], [1, 3]]  # then one crop each, the centre one
+    assert chosen_tiles(crops, thumbs, 9) == [[1, 4, 6], [0, 1, 2], [0], [1, 3]]  # crops spread over the grid
+    assert chosen_tiles([4], [False], 2) == [[1, 3]]  # no thumbnail (use_thumbnail off): crops only
+
+
+def test_capped_calibration_tiles_are_the_runtimes_own_tiles(bundle_fp32):
+    from vl_export.calibration.data import CalibrationSet, chosen_tiles
+
+    pipe = Pipeline.from_bundle(bundle_fp32, lazy=True)
+    data = CalibrationSet.from_paths(None, None, max_tiles=5)
+    data.images = data.images[:3]  # 7 + 3 + 1 tiles
+    tiles = data.tiles(pipe)
+    got = list(tiles)
+    assert len(tiles) == len(got) == 5 and tiles.total == 11
+    want = [pipe.prepare("", images=[image]).pixel_values[i : i + 1]
+            for image, chosen in zip(data.images, chosen_tiles([6, 2, 1], [True, True, False], 5)) for i in chosen]
+    assert all(np.array_equal(g, w) for g, w in zip(got, want))
+    # Another cap calibrates on other tiles: it is another calibration data set, with another cache key.
+    assert CalibrationSet(max_tiles=5).sha256() != CalibrationSet(max_tiles=None).sha256()
+
+
+def test_calib_tiles_must_be_a_count_or_all(capsys, tmp_path):
+    from vl_export.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["build", "--model", "random:tiny", "--out", str(tmp_path / "b"), "--precision", "int8", "--calib-tiles", "0"])
+    assert exit_.value.code == 2 and "expected a number of tiles >= 1 or 'all'" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()

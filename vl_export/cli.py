@@ -9,6 +9,7 @@ from pathlib import Path, PurePosixPath
 
 from . import __version__
 from .errors import InputError, VlExportError
+from vl_export.calibration import DEFAULT_MAX_TILES
 
 Command = Callable[[argparse.Namespace], int]
 COMMANDS: dict[str, Command] = {}
@@ -103,13 +104,25 @@ def _chat(args: argparse.Namespace) -> int:
                      system_message=args.system)
 
 
+def _tile_cap(value: str) -> int | None:
+    if value == "all":
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a number of tiles >= 1 or 'all', not {value!r}")
+    return n
+
+
 @command("build")
 def _build(args: argparse.Namespace) -> int:
     from vl_export.export.build import BuildConfig, build_bundle
 
     trt = _trt_options(args)
     config = BuildConfig(precision=args.precision, backend=args.backend, calib_images=args.calib_images,
-                         calib_prompts=args.calib_prompts, calib_method=args.calib_method,
+                         calib_prompts=args.calib_prompts, calib_method=args.calib_method, calib_tiles=args.calib_tiles,
                          decoder_recipe=args.decoder_recipe,
                          int4_lm_head=args.int4_lm_head, verify=not args.no_verify, trt=trt, overwrite=args.overwrite)
     build_bundle(args.model, Path(args.out), config)
@@ -343,6 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-images", default=None, help="directory of calibration images (default: a built-in set)")
     p.add_argument("--calib-prompts", default=None, help="file of calibration prompts, one per line")
     p.add_argument("--calib-method", choices=("minmax", "entropy", "percentile"), default="minmax")
+    p.add_argument("--calib-tiles", type=_tile_cap, default=DEFAULT_MAX_TILES, metavar="N|all",
+                   help=f"calibrate the vision encoder on at most N tiles: every image's whole view first, then crops "
+                        f"spread over the images (default {DEFAULT_MAX_TILES}; 'all': every tile of every image)")
     p.add_argument("--decoder-recipe", choices=("weight-only", "w8a8", "w8a8-smoothquant"), default="weight-only",
                    help="INT8 decoder: weight-only (default; activations have outliers), static W8A8, or W8A8 after SmoothQuant")
     p.add_argument("--int4-lm-head", choices=("int4", "int8"), default=None,
