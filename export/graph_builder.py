@@ -27,15 +27,20 @@ def to_numpy(t) -> np.ndarray:
     return t.detach().to("cpu").float().numpy()
 
 
-def transposed(weights: list, dtype=np.float32, rows: int = 8192) -> np.ndarray:
+def transposed(weights: list, dtype=np.float32, rows: int = 2048) -> np.ndarray:
     """[W_0; W_1; ...].T as one C-ordered (in, out) array of `dtype`, filled a block of rows at a time: no whole fp32
-    copy of a bf16 weight beside its transposed copy (lm_head: 2 x 0.54 GB at Qwen2.5-0.5B)."""
+    copy of a bf16 weight beside its transposed copy (lm_head: 2 x 0.54 GB at Qwen2.5-0.5B). torch's copy_ converts
+    and transposes each block in cache-sized tiles (lm_head: 0.08 s; numpy's strided assignment took 2.1 s)."""
+    import torch
+
     out = np.empty((weights[0].shape[1], sum(w.shape[0] for w in weights)), dtype)
+    target = torch.from_numpy(out)  # shares out's memory
     column = 0
     for w in weights:
+        w = w.detach().to("cpu")
         for start in range(0, w.shape[0], rows):
-            block = to_numpy(w[start : start + rows])  # (rows, in)
-            out[:, column + start : column + start + block.shape[0]] = block.T
+            block = w[start : start + rows]  # (rows, in)
+            target[:, column + start : column + start + block.shape[0]].copy_(block.t())
         column += w.shape[0]
     return out
 
