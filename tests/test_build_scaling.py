@@ -46,7 +46,7 @@ def test_one_pass_ranges_equal_onnxruntimes_graph_by_graph_calibration(bundle_fp
 
 
 def test_lean_calibration_session_gives_onnxruntimes_untouched_ranges(bundle_fp32, tmp_path):
-    """quantize.lean_session (priority order, no memory pattern, no arena: an eighth of the peak RSS) changes
+    """quantize.lean_session (priority order, no memory pattern: an eighth of the peak RSS) changes
     allocation and order, not ranges: the same tiles through ONNX Runtime's calibrator exactly as ONNX Runtime sets
     it up give the same ranges."""
     import onnxruntime as ort
@@ -79,7 +79,7 @@ def test_lean_calibration_session_gives_onnxruntimes_untouched_ranges(bundle_fp3
     save_tensors_data(untouched.compute_data(), tmp_path / "ort.json")
     quantize.lean_session(untouched)  # what quantize.calibrate and ranges.GraphRanges do to theirs
     options = untouched.infer_session.get_session_options()
-    assert not options.enable_mem_pattern and not options.enable_cpu_mem_arena
+    assert not options.enable_mem_pattern
     assert options.execution_order == ort.ExecutionOrder.PRIORITY_BASED
     quantize.calibrate(src, lambda: data.vision_feeds(pipe), "minmax", tmp_path / "lean.json", ops)
     # The build's large graphs keep their weights in external data, which the lean calibrator never loads itself.
