@@ -1,7 +1,7 @@
-"""The bundle's portable decoder and vision encoder built from the weights, op for op what the torch exporter writes
-for graphs.Decoder and graphs.VisionEncoder, without the torch exporter.
+"""The bundle's portable decoder, vision encoder and projector built from the weights, op for op what the torch
+exporter writes for graphs.Decoder, graphs.VisionEncoder and graphs.Projector, without the torch exporter.
 
-graphs.py stays the readable statement of both graphs, and tests hold these equal to torch.onnx's export of it
+graphs.py stays the readable statement of the graphs, and tests hold these equal to torch.onnx's export of it
 (outputs, names, dtypes; fp32 and fp16; both decoder families, both vision encoders). Building them here instead of
 exporting them: the exporter traced, decomposed and optimised the same ~20 nodes per layer for over a minute at
 Qwen2.5-0.5B (74.7 s of a 354 s INT8 build, README "Build memory and time") and 30-40 s for InternViT-300M, and held
@@ -206,4 +206,41 @@ def build_vision_encoder(model, spec: ModelSpec, precision: str, path: Path) -> 
     return GraphEntry(role="vision_encoder", file=path.name, precision=precision, inputs=inputs, outputs=outputs)
 
 
-BUILDERS = {"decoder": build_portable_decoder, "vision_encoder": build_vision_encoder}
+def build_projector(model, spec: ModelSpec, precision: str, path: Path) -> GraphEntry:
+    """Write `model`'s projector in `precision` to `path`, as torch.onnx exports graphs.Projector: drop CLS, InternVL's
+    pixel unshuffle (v2) as Reshape/Transpose, fp32 LayerNorm, MatMul + Add, the exporter's erf GELU, MatMul + Add.
+    Its torch export took 2-4 s of a build for two matmuls (most of it the exporter's own start)."""
+    import onnx_ir as ir
+
+    from .onnx_export import EXTERNAL_DATA_BYTES, OPSET, graph_io
+
+    mlp = model.model.multi_modal_projector
+    inputs, outputs = graph_io("projector", spec, precision)
+    wide = np.float16 if precision == "fp16" else np.float32
+    g = WeightGraph(wide)
+    op, i64, cast = g.tape.op, g.i64, g.cast
+    f32, w_type = ir.DataType.FLOAT, g.wide
+    c, grid, r = spec.vision.hidden_size, spec.vision.grid, spec.shuffle_factor
+    features = graph_inputs(inputs)["vision_features"]
+    x = op("Slice", [features, i64([1]), i64([np.iinfo(np.int64).max]), i64([1]), i64([1])])  # (tiles, g*g, C)
+    x = op("Reshape", [x, i64([0, grid, grid // r, c * r])])  # (tiles, w, h/r, C*r)
+    x = op("Transpose", [x], {"perm": [0, 2, 1, 3]})  # (tiles, h/r, w, C*r)
+    x = op("Reshape", [x, i64([0, grid // r, grid // r, c * r * r])])
+    x = op("Transpose", [x], {"perm": [0, 2, 1, 3]})  # (tiles, w/r, h/r, C*r*r)
+    x = op("Reshape", [x, i64([0, (grid // r) ** 2, c * r * r])])  # (tiles, 256, 4C)
+    norm = mlp.layer_norm
+    x = op("LayerNormalization", [x, g.const("mlp.layer_norm.weight", to_numpy(norm.weight)),
+                                  g.const("mlp.layer_norm.bias", to_numpy(norm.bias))],
+           {"axis": -1, "epsilon": float(norm.eps), "stash_type": 1})
+    h = g.matmul(cast(x, w_type), [mlp.linear_1], "mlp.linear_1")
+    sqrt2, one, half = (g.const(f"gelu.{n}", np.array(value, wide)) for n, value in (("sqrt2", np.sqrt(2.0)),
+                                                                                    ("one", 1.0), ("half", 0.5)))
+    h = op("Mul", [h, op("Mul", [half, op("Add", [op("Erf", [op("Div", [h, sqrt2])]), one])])])
+    y = cast(g.matmul(h, [mlp.linear_2], "mlp.linear_2"), f32)
+    y.name = "image_embeds"
+    g.save(path, [features], [y], outputs, "projector", {"": OPSET},
+           {"vl_export.role": "projector", "vl_export.precision": precision}, EXTERNAL_DATA_BYTES)
+    return GraphEntry(role="projector", file=path.name, precision=precision, inputs=inputs, outputs=outputs)
+
+
+BUILDERS = {"decoder": build_portable_decoder, "vision_encoder": build_vision_encoder, "projector": build_projector}

@@ -99,9 +99,9 @@ def export_graph(role: str, model: torch.nn.Module, spec: ModelSpec, precision: 
                  release_weights: bool = False, torch_exporter: bool | None = None) -> GraphEntry:
     """Write one graph to out_dir/FILES[role]; names, dtypes and axes as `graph_io` says.
 
-    The decoder and the vision encoder are built from the weights (graphs_portable.py: the graphs torch.onnx exports
-    of graphs.py's wrappers, op for op; tests hold the two equal on outputs) unless `torch_exporter` asks for that
-    export, the reference those tests build; the projector (2 matmuls) is exported with torch.onnx.
+    The three graphs are built from the weights (graphs_portable.py: the graphs torch.onnx exports of graphs.py's
+    wrappers, op for op; tests hold the two equal on outputs) unless `torch_exporter` asks for that export, the
+    reference those tests build.
     `release_weights` frees the torch weights only this graph reads once it is written, before the checker
     reads the file back.
     """

@@ -1,5 +1,6 @@
-"""The decoder and vision encoder built from the weights (export/graphs_portable.py) against what they replace:
-torch.onnx's export of graphs.Decoder / graphs.VisionEncoder, and those wrappers run in torch. Both decoder families
+"""The decoder, vision encoder and projector built from the weights (export/graphs_portable.py) against what they
+replace: torch.onnx's export of graphs.Decoder / graphs.VisionEncoder / graphs.Projector, and those wrappers run in
+torch. Both decoder families
 (Qwen2 with q/k/v biases, InternLM2 without), both vision encoders (InternViT-300M: LayerNorm, qkv bias;
 InternViT-6B: RMSNorm, q/k norm, no bias), fp32 and fp16; the decoder with a past, a left-padded row and two logits
 positions per row."""
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from vl_export.export.bundle import load_checkpoint
-from vl_export.export.graphs import Decoder, VisionEncoder
+from vl_export.export.graphs import Decoder, Projector, VisionEncoder
 from vl_export.export.onnx_export import export_graph, graph_io
 
 
@@ -28,8 +29,8 @@ def members(tiny, tmp_path_factory):
 def _feeds(role: str, spec, precision: str) -> dict[str, np.ndarray]:
     inputs = graph_io(role, spec, precision)[0]
     rng = np.random.default_rng(7)
-    if role == "vision_encoder":
-        return {"pixel_values": rng.standard_normal((2, *inputs[0].shape[1:])).astype(np.float32)}
+    if role in ("vision_encoder", "projector"):
+        return {inputs[0].name: rng.standard_normal((2, *inputs[0].shape[1:])).astype(np.float32)}
     # Two rows after a 3-position past: the first left-padded (its first key masked), logits at two positions.
     t = spec.text
     feeds = {"inputs_embeds": rng.standard_normal((2, 5, t.hidden_size)).astype(np.float32),
@@ -50,7 +51,7 @@ def _run(path, feeds):
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 @pytest.mark.parametrize("member", ["qwen2+vit300m", "internlm2+vit6b"])
-@pytest.mark.parametrize("role", ["decoder", "vision_encoder"])
+@pytest.mark.parametrize("role", ["decoder", "vision_encoder", "projector"])
 def test_built_graph_is_the_exported_graph(members, tmp_path, role, member, precision):
     """Same inputs, outputs, dtypes and names as torch.onnx's export, and the same outputs to within float rounding
     (measured: equal to the bit on these feeds); the torch wrapper agrees within fp32 rounding (fp32) or fp16
@@ -76,7 +77,7 @@ def test_built_graph_is_the_exported_graph(members, tmp_path, role, member, prec
     ck = load_checkpoint(str(members[member]), lambda _: None)
     ck.model.float()
     dtype = torch.float16 if precision == "fp16" else torch.float32
-    wrapper = (Decoder if role == "decoder" else VisionEncoder)(ck.model, ck.spec, dtype).eval()
+    wrapper = {"decoder": Decoder, "vision_encoder": VisionEncoder, "projector": Projector}[role](ck.model, ck.spec, dtype).eval()
     with torch.no_grad():
         torch_out = wrapper(*[torch.from_numpy(feeds[n]) for n in feeds])
     torch_out = [t.float().numpy() for t in (torch_out if isinstance(torch_out, tuple) else (torch_out,))]
