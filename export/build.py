@@ -58,7 +58,10 @@ class BuildConfig:
 
 def build_bundle(model: str, out: Path, config: BuildConfig = BuildConfig(), progress: Progress = stderr_progress) -> Manifest:
     """The one-shot path. Raises VerificationFailed (exit 1) after writing the bundle when it does not verify."""
-    with step(progress, f"building {config.precision} for {config.backend}"):
+    from vl_export.memory import frozen_heap
+
+    with frozen_heap("torch", "transformers", "onnx", "onnx_ir", "onnxruntime"), \
+            step(progress, f"building {config.precision} for {config.backend}"):
         return _build_bundle(model, out, config, progress)
 
 

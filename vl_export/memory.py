@@ -12,6 +12,8 @@ import gc
 import re
 import resource
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 _STATUS = Path("/proc/self/status")
@@ -60,6 +62,27 @@ def release() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+@contextmanager
+def frozen_heap(*modules: str) -> Iterator[None]:
+    """Import `modules`, then keep every object that exists now out of the cyclic collector until the block ends.
+
+    `release` collects at every step of a build, and a full collection walks every tracked object: ~260k after torch
+    and transformers are imported, 0.12-0.2 s a collection, 3.7 s of a 1B build. What exists before the build starts
+    is the imported modules and the caller's objects, which the build does not drop, so nothing it makes garbage is
+    skipped; they are handed back to the collector on the way out.
+    """
+    import importlib
+
+    for name in modules:
+        importlib.import_module(name)
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def gib(nbytes: int | None) -> str:
