@@ -233,6 +233,36 @@ def fused_dynamic_int8(src: Path, dst: Path) -> None:
         fused.unlink(missing_ok=True)
 
 
+def weights_of(src: Path) -> Callable[[onnx.TensorProto], np.ndarray]:
+    """How a quantizer reads one of `src`'s initializers, as an array of its own that it may overwrite: straight from
+    the graph's external data file where that is where the tensor is (no bytes object in between)."""
+    from onnx.external_data_helper import ExternalDataInfo
+
+    def read(tensor: onnx.TensorProto) -> np.ndarray:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            return numpy_helper.to_array(tensor).copy()
+        info = ExternalDataInfo(tensor)
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+        location = (src.parent / info.location).resolve()
+        if src.parent.resolve() not in location.parents:  # a graph's data lives beside it, never elsewhere
+            raise ValueError(f"{tensor.name}: external data {info.location!r} is outside {src.parent}")
+        count = int(np.prod(tensor.dims, dtype=np.int64))
+        array = np.fromfile(location, dtype=dtype, count=count, offset=info.offset or 0)
+        if array.size != count:
+            raise ValueError(f"{tensor.name}: {location.name} holds {array.size} of its {count} values")
+        return array.reshape(tuple(tensor.dims))
+
+    return read
+
+
+def load_the_rest(model: onnx.ModelProto, read: Callable[[onnx.TensorProto], np.ndarray], written: WeightFile) -> None:
+    """Bring every initializer still stored elsewhere (the source's external data, or a graph built in memory) into
+    the model; what the quantizer itself wrote to external data stays there."""
+    for tensor in model.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL and not written.holds(tensor):
+            tensor.CopyFrom(numpy_helper.from_array(read(tensor), tensor.name))
+
+
 def weight_only_int8(src: Path, dst: Path) -> int:
     """Every MatMul whose B is a 2-D float weight gets int8 weights (symmetric, per output column) and a
     DequantizeLinear in front; activations stay float. Returns the number of weights quantized.
@@ -240,11 +270,15 @@ def weight_only_int8(src: Path, dst: Path) -> int:
     Weights are read one at a time from the graph's external data (when it has any), so the peak is the int8
     graph plus one fp32 weight, not the whole fp32 graph.
     """
-    from onnx.external_data_helper import load_external_data_for_model
+    return weight_only_int8_model(onnx.load(str(src), load_external_data=False), weights_of(src), dst)
 
-    model = onnx.load(str(src), load_external_data=False)
+
+def weight_only_int8_model(model: onnx.ModelProto, read: Callable[[onnx.TensorProto], np.ndarray], dst: Path) -> int:
+    """`weight_only_int8` of a graph whose weights `read` gives one at a time (a file's external data, or the
+    weights of a graph being built from a checkpoint, which then never exists in fp32 on disk)."""
     graph = model.graph
     weights = {t.name: t for t in graph.initializer}
+    written = WeightFile(dst, streamed(model, (n.input[1] for n in graph.node if n.op_type == "MatMul" and len(n.input) > 1)))
     consumers: dict[str, int] = {}
     for node in graph.node:
         for name in node.input:
@@ -256,11 +290,11 @@ def weight_only_int8(src: Path, dst: Path) -> int:
         if tensor is None or len(tensor.dims) != 2 or tensor.data_type != onnx.TensorProto.FLOAT or consumers[name] != 1:
             new_nodes.append(node)
             continue
-        w = numpy_helper.to_array(tensor, base_dir=str(src.parent))  # (K, N): y = x @ w
+        w = read(tensor)  # (K, N): y = x @ w
         scale = np.maximum(np.maximum(w.max(axis=0), -w.min(axis=0)), 1e-12) / 127.0  # (N,) = max |w| / 127
-        q = w / scale  # then rounded and clipped in place: at most two fp32 copies of one weight at a time
+        q = np.divide(w, scale, out=w)  # then rounded and clipped in place: one fp32 copy of one weight at a time
         np.clip(np.rint(q, out=q), -127, 127, out=q)
-        tensor.CopyFrom(numpy_helper.from_array(q.astype(np.int8), name + "_int8"))
+        tensor.CopyFrom(written.tensor(q.astype(np.int8), name + "_int8"))
         del w, q
         graph.initializer.append(numpy_helper.from_array(scale.astype(np.float32), name + "_scale"))
         new_nodes.append(onnx.helper.make_node("DequantizeLinear", [name + "_int8", name + "_scale"], [name + "_dq"],
@@ -270,9 +304,52 @@ def weight_only_int8(src: Path, dst: Path) -> int:
         count += 1
     graph.ClearField("node")
     graph.node.extend(new_nodes)
-    load_external_data_for_model(model, str(src.parent))  # what stayed float (norms, biases) comes in whole
-    save(model, dst)
+    load_the_rest(model, read, written)  # what stayed float (norms, biases) comes in whole
+    written.save(model)
     return count
+
+
+STREAM_BYTES = 100_000_000  # quantized weights above this go to external data as they are made (WeightFile)
+
+
+class WeightFile:
+    """Where a quantizer puts the weights it makes: into the graph, or (`streamed`) each into `dst`'s external data
+    file as soon as it is made, so that the quantized graph is never whole in memory and is not serialised whole
+    (an inline 0.5 GB int8 decoder was held twice at its save: 1.9 GiB for the step at the 1B). Offsets are aligned
+    to 4096 bytes, as memory-mapping readers prefer."""
+
+    def __init__(self, dst: Path, streamed: bool):
+        self.dst, self.location = dst, dst.name + ".data"
+        self._file = open(dst.with_name(self.location), "wb") if streamed else None
+
+    def tensor(self, array: np.ndarray, name: str) -> onnx.TensorProto:
+        if self._file is None:
+            return numpy_helper.from_array(array, name)
+        tensor = onnx.TensorProto(name=name, data_type=onnx.helper.np_dtype_to_tensor_dtype(array.dtype),
+                                  dims=array.shape, data_location=onnx.TensorProto.EXTERNAL)
+        offset = -self._file.tell() % 4096 + self._file.tell()
+        self._file.seek(offset)
+        np.ascontiguousarray(array).tofile(self._file)
+        for key, value in (("location", self.location), ("offset", str(offset)), ("length", str(array.nbytes))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+        return tensor
+
+    def holds(self, tensor: onnx.TensorProto) -> bool:
+        return self._file is not None and any(e.key == "location" and e.value == self.location
+                                              for e in tensor.external_data)
+
+    def save(self, model: onnx.ModelProto) -> None:
+        if self._file is None:
+            return save(model, self.dst)
+        self._file.close()
+        onnx.save_model(model, str(self.dst))  # what is inline (scales, norms, biases) is small
+
+
+def streamed(model: onnx.ModelProto, weights: Iterable[str]) -> bool:
+    """Whether the int8 forms of `weights` come to more than STREAM_BYTES."""
+    sizes = {t.name: int(np.prod(t.dims, dtype=np.int64)) for t in model.graph.initializer}
+    return sum(sizes.get(name, 0) for name in set(weights)) > STREAM_BYTES
 
 
 def save(model: onnx.ModelProto, dst: Path) -> None:

@@ -43,10 +43,11 @@ def channel_scales(w: np.ndarray, axis: int, qmin: int, qmax: int) -> np.ndarray
 
 
 def quantize_channels(w: np.ndarray, scale: np.ndarray, axis: int) -> np.ndarray:
-    """fp32 / scale per channel, rounded half to even, clipped to int8 (ONNX Runtime's quantize_nparray)."""
+    """fp32 / scale per channel, rounded half to even, clipped to int8 (ONNX Runtime's quantize_nparray). `w` (the
+    caller's own copy) is overwritten."""
     shape = [1] * w.ndim
     shape[axis] = -1
-    q = w / scale.reshape(shape)
+    q = np.divide(w, scale.reshape(shape), out=w)
     np.clip(np.rint(q, out=q), -128, 127, out=q)
     return q.astype(np.int8)
 
@@ -91,7 +92,10 @@ def write_w8a8(src: Path, dst: Path, ranges: dict[str, tuple[np.ndarray, np.ndar
     model = onnx.load(str(src), load_external_data=False)
     graph = model.graph
     weights = {t.name: t for t in graph.initializer}
-    read = lambda name: numpy_helper.to_array(weights[name], base_dir=str(src.parent))  # noqa: E731
+    from .quantize import weights_of
+
+    read_tensor = weights_of(src)
+    read = lambda name: read_tensor(weights[name])  # noqa: E731
     qmin, qmax = weight_range(reduce_range)
     chosen = [n for n in graph.node if n.op_type in op_types and n.name not in exclude and not n.domain]
     for node in chosen:

@@ -81,14 +81,21 @@ def _build_bundle(model: str, out: Path, config: BuildConfig, progress: Progress
     path, sha = ck.path, ck.sha256
     with output_directory(ck, Path(out), config.overwrite) as staging:
         graph_precision = "fp16" if config.precision == "fp16" else "fp32"
-        inplace = None
-        if calibration is not None:  # the ORT variants' source, exported while the decoder's weights are still here
-            from .decoder_variants import export_inplace_source
+        made, quantized, before_decoder = {}, {}, None
+        if calibration is not None:
+            from .decoder_variants import export_inplace_source, ort_dynamic_int8, weight_only_int8
 
-            inplace = export_inplace_source(ck, staging, config.backend, progress)
+            # INT8 decoders that need no calibration are written quantized as they are built from the weights.
+            if config.precision == "int8" and config.decoder_recipe == "weight-only":
+                quantized["decoder"] = weight_only_int8()
+
+            def before_decoder():  # the ORT variants' source, made while the decoder's weights are still here
+                made["inplace"] = export_inplace_source(ck, staging, config.backend, progress,
+                                                        ort_dynamic_int8() if config.precision == "int8" else None)
         # Each graph's torch weights go as soon as it is written; verify loads the checkpoint again at the end.
         manifest = write_bundle(ck, staging, graph_precision, progress, embed_precision=config.precision,
-                                release_weights=True)
+                                release_weights=True, quantized=quantized, before_decoder=before_decoder)
+        inplace = made.get("inplace")
         del ck
         if calibration is not None:
             manifest = quantize_bundle(staging, manifest, sha, calibration, config, progress, inplace)
@@ -175,6 +182,11 @@ def quantize_bundle(staging: Path, manifest: Manifest, source_sha: str, data, co
         return make
 
     fp32 = {role: manifest.graph(role) for role in ROLES}
+    # Graphs already quantized as they were built from the weights (decoder_variants.Quantized) ship as they are.
+    made = [fp32.pop(role) for role in ROLES if fp32[role].precision != "fp32"]
+    if inplace is not None and inplace.precision != "fp32":
+        made.append(inplace)
+        inplace = None
     reused += _calibrate_vision_and_projector(staging, fp32, data, pipe, method, cache_of, progress)
 
     def from_cache(role: str):
@@ -195,7 +207,8 @@ def quantize_bundle(staging: Path, manifest: Manifest, source_sha: str, data, co
 
         other_steps += int4_steps(inplace, config.int4_lm_head)
     elif config.decoder_recipe == "weight-only":
-        other_steps.append(("decoder", "decoder.int8.onnx", "weight-only-int8", None, quantize.weight_only_int8))
+        if "decoder" in fp32:
+            other_steps.append(("decoder", "decoder.int8.onnx", "weight-only-int8", None, quantize.weight_only_int8))
     else:
         smooth = config.decoder_recipe == "w8a8-smoothquant"
         calibrated_steps.append(("decoder", "decoder.int8.onnx", f"{config.decoder_recipe}-{method}" + ("-w7" if seven_bit else ""), None,
@@ -206,7 +219,8 @@ def quantize_bundle(staging: Path, manifest: Manifest, source_sha: str, data, co
         # ONNX Runtime's CPU kernels run Q/DQ matmuls slowly; its own dynamic INT8 is the fast form there.
         other_steps.append(("vision_encoder", "vision_encoder.ort-int8.onnx", "fused-dynamic-int8-w7", ("onnxruntime",),
                             quantize.fused_dynamic_int8))
-        if config.precision == "int8":  # made from the in-place-cache decoder where one was exported
+        if config.precision == "int8" and not any(g.backends == ("onnxruntime",) for g in made):
+            # made from the in-place-cache decoder where one was exported
             other_steps.append((INPLACE if inplace else "decoder", "decoder.ort-int8.onnx", "dynamic-int8-w7",
                                 ("onnxruntime",), quantize.dynamic_int8))
 
@@ -225,7 +239,7 @@ def quantize_bundle(staging: Path, manifest: Manifest, source_sha: str, data, co
     for entry in fp32.values():
         for path in staging.glob(entry.file + "*"):
             path.unlink()
-    manifest.graphs = graphs
+    manifest.graphs = graphs + made
     manifest.calibration = {
         "method": method,
         "data_sha256": data_sha,

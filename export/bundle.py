@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -77,20 +78,30 @@ def new_manifest(ck: checkpoint.Checkpoint, specials: dict[str, int], graphs: li
     )
 
 
-# The largest graph first, while nothing else has been released yet, and each graph's torch weights freed once it
-# is written: the vision graph (inline protobuf, serialised whole) is then written with only the vision tower left.
-EXPORT_ORDER = ("decoder", "vision_encoder", "projector")
+# Each graph's torch weights are freed once it is written, the vision tower's and the projector's first: the decoder
+# graphs (the largest, and those quantized as they are built, which hold their int8 graph and one fp32 weight beside
+# the torch weights) are then made with only the language model's weights left.
+EXPORT_ORDER = ("vision_encoder", "projector", "decoder")
 
 
 def export_graphs(ck: checkpoint.Checkpoint, precision: str, staging: Path, progress: Progress,
-                  release_weights: bool = False) -> list[GraphEntry]:
-    """The three graphs in `staging`; with `release_weights`, ck.model cannot run afterwards (weights on meta)."""
+                  release_weights: bool = False, quantized: dict | None = None,
+                  before_decoder: Callable[[], object] | None = None) -> list[GraphEntry]:
+    """The three graphs in `staging`; with `release_weights`, ck.model cannot run afterwards (weights on meta).
+    `quantized` ({role: decoder_variants.Quantized}): those graphs are written quantized, straight from the weights.
+    `before_decoder` runs just before the decoder is exported (other graphs made from the language model's weights)."""
     from .onnx_export import export_graph
 
     graphs = {}
+    quantized = quantized or {}
     for role in EXPORT_ORDER:
-        with step(progress, f"exporting {role} ({precision})"):
-            entry = export_graph(role, ck.model, ck.spec, precision, staging, release_weights=release_weights)
+        if role == "decoder" and before_decoder is not None:
+            before_decoder()
+        q = quantized.get(role)
+        what = f"{q.recipe}, straight from the weights" if q else precision
+        with step(progress, f"exporting {role} ({what})"):
+            entry = export_graph(role, ck.model, ck.spec, precision, staging, release_weights=release_weights,
+                                 quantized=q)
             graphs[role] = with_hashes(entry, staging)
     return [graphs[role] for role in ROLES]
 
@@ -120,15 +131,17 @@ def load_checkpoint(model: str, progress: Progress, stored_dtype: bool = False) 
 
 
 def write_bundle(ck: checkpoint.Checkpoint, staging: Path, graph_precision: str, progress: Progress,
-                 embed_precision: str | None = None, release_weights: bool = False) -> Manifest:
+                 embed_precision: str | None = None, release_weights: bool = False,
+                 quantized: dict | None = None, before_decoder: Callable[[], object] | None = None) -> Manifest:
     """Tokenizer, embedding table, the three graphs and the manifest, into `staging`.
 
-    `release_weights` frees each graph's torch weights once it is exported (ck.model is spent afterwards)."""
+    `release_weights` frees each graph's torch weights once it is exported (ck.model is spent afterwards);
+    `quantized`, `before_decoder`: see export_graphs."""
     with step(progress, "writing tokenizer.json and proving it against the checkpoint's tokenizer"):
         specials = write_tokenizer(ck.path, staging)
     with step(progress, "writing the embedding table"):
         embed = write_embeddings(ck.model, staging, embed_precision or graph_precision)
-    graphs = export_graphs(ck, graph_precision, staging, progress, release_weights)
+    graphs = export_graphs(ck, graph_precision, staging, progress, release_weights, quantized, before_decoder)
     manifest = new_manifest(ck, specials, graphs, embed)
     manifest.save(staging)
     return manifest

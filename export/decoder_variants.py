@@ -14,6 +14,9 @@ demo model's task accuracy unchanged (`--int4-lm-head int8` keeps it 8-bit, for 
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -29,6 +32,35 @@ INT4_SYMMETRIC = True
 INT4_LM_HEAD = "int4"
 
 
+@dataclass(frozen=True)
+class Quantized:
+    """A quantized decoder written as it is built from the weights (graph_builder.WeightGraph.save's `quantize`): the
+    same file the quantizer would make from the full-precision graph (a test holds them equal byte for byte), without
+    writing and reading back that graph (2 GB for each 1B decoder: 5-6 s of a build apiece)."""
+
+    file: str
+    recipe: str
+    make: Callable  # graph_builder.Quantizer
+    backends: tuple[str, ...] | None = None
+
+    def entry(self, built: GraphEntry) -> GraphEntry:
+        return dataclasses.replace(built, file=self.file, precision="int8", recipe=self.recipe, backends=self.backends)
+
+
+def weight_only_int8() -> Quantized:
+    """The portable INT8 decoder (any backend)."""
+    from vl_export.calibration.quantize import weight_only_int8_model
+
+    return Quantized("decoder.int8.onnx", "weight-only-int8", weight_only_int8_model)
+
+
+def ort_dynamic_int8() -> Quantized:
+    """ONNX Runtime's INT8 decoder, from the GroupQueryAttention graph."""
+    from vl_export.calibration.dynamic import dynamic_int8_model
+
+    return Quantized("decoder.ort-int8.onnx", "dynamic-int8-w7", dynamic_int8_model, ("onnxruntime",))
+
+
 def check_int4(config) -> None:
     if config.backend == "tensorrt":
         raise InputError("--precision int4 is not built for TensorRT: its blocked INT4 Q/DQ decoder was not checked "
@@ -41,15 +73,23 @@ def check_int4(config) -> None:
         raise InputError(f"--decoder-recipe {config.decoder_recipe} is an INT8 recipe; int4 decoders are weight-only")
 
 
-def export_inplace_source(ck, staging: Path, backend: str, progress: Progress) -> GraphEntry | None:
+def export_inplace_source(ck, staging: Path, backend: str, progress: Progress,
+                          quantized: Quantized | None = None) -> GraphEntry | None:
     """The fp32 source of ONNX Runtime's decoder variants (None when the build is not for ONNX Runtime): the
-    GroupQueryAttention decoder built from the weights (graphs_gqa.py), for both decoder families."""
+    GroupQueryAttention decoder built from the weights (graphs_gqa.py), for both decoder families; with `quantized`,
+    that variant itself, written straight from the weights."""
     if backend != "onnxruntime":
         return None
+    from .bundle import with_hashes
     from .graphs_gqa import build_gqa_decoder
 
-    with step(progress, "building the decoder with GroupQueryAttention and an in-place KV cache (for ONNX Runtime)"):
-        return build_gqa_decoder(ck.model, ck.spec, staging / INPLACE_FILE)
+    what = f"{quantized.recipe}, straight from the weights" if quantized else "fp32"
+    with step(progress, f"building the decoder with GroupQueryAttention and an in-place KV cache (for ONNX Runtime; "
+                        f"{what})"):
+        if quantized is None:
+            return build_gqa_decoder(ck.model, ck.spec, staging / INPLACE_FILE)
+        return with_hashes(quantized.entry(build_gqa_decoder(ck.model, ck.spec, staging / quantized.file,
+                                                             quantized.make)), staging)
 
 
 def int4_steps(inplace: GraphEntry | None, lm_head: str | None = None) -> list[tuple]:

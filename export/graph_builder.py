@@ -9,11 +9,16 @@ the step and the graph never holds all its weights at once: the step's peak is t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from vl_export.manifest import TensorSpec
+
+if TYPE_CHECKING:
+    import onnx
 
 
 def ir_dtype(name: str):
@@ -105,9 +110,11 @@ class WeightGraph:
         return y
 
     def save(self, path: Path, inputs: list, outputs: list, output_specs: tuple[TensorSpec, ...], name: str,
-             opset_imports: dict[str, int], metadata: dict[str, str], external_bytes: int) -> None:
+             opset_imports: dict[str, int], metadata: dict[str, str], external_bytes: int,
+             quantize: Quantizer | None = None) -> None:
         """Write the graph to `path` (external data above `external_bytes` of weights); `outputs` get the specs'
-        dtypes and named shapes."""
+        dtypes and named shapes. With `quantize`, `path` gets what that quantizer makes of the graph, each weight
+        read from the checkpoint when it is quantized: the full-precision graph is never written."""
         import onnx
         import onnx_ir as ir
 
@@ -118,6 +125,12 @@ class WeightGraph:
                          opset_imports=opset_imports, name=name)
         model = ir.Model(graph, ir_version=10, producer_name="vl-export")
         model.metadata_props.update(metadata)
+        if quantize is not None:
+            proto, read = deferred(model)
+            if set(opset_imports) == {""}:  # the value types the file would carry (below)
+                proto = onnx.shape_inference.infer_shapes(proto, data_prop=True)
+            quantize(proto, read, path)
+            return
         if self.weight_bytes > external_bytes:
             ir.save(model, path, external_data=path.name + ".data")
         else:
@@ -129,6 +142,35 @@ class WeightGraph:
         # ONNX Runtime infers those itself, as it always has for that graph.
         if set(opset_imports) == {""}:
             onnx.shape_inference.infer_shapes_path(str(path), str(path), data_prop=True)
+
+
+Quantizer = Callable[["onnx.ModelProto", Callable[["onnx.TensorProto"], np.ndarray], Path], object]
+
+
+def deferred(model) -> tuple[onnx.ModelProto, Callable[[onnx.TensorProto], np.ndarray]]:
+    """`model` as a proto whose lazy weights are external-data references that lead nowhere, and the function that
+    makes one of them when a quantizer reads it. The proto is what the file written by `WeightGraph.save` holds,
+    without the weights' bytes."""
+    import onnx_ir as ir
+
+    makers = {}
+    for name, value in model.graph.initializers.items():
+        tensor = value.const_value
+        if isinstance(tensor, ir.LazyTensor):
+            makers[name] = tensor
+            value.const_value = ir.ExternalTensor("deferred-weights", 0, tensor.nbytes, tensor.dtype,
+                                                  shape=tensor.shape, name=name)
+    proto = ir.serde.serialize_model(model)
+
+    def read(t: onnx.TensorProto) -> np.ndarray:
+        """The tensor as an array of the caller's own (quantizers overwrite what they read)."""
+        if t.name in makers:
+            return makers.pop(t.name).numpy()  # each weight is made once, when it is quantized
+        from onnx import numpy_helper
+
+        return numpy_helper.to_array(t).copy()
+
+    return proto, read
 
 
 def graph_inputs(specs: tuple[TensorSpec, ...]) -> dict:

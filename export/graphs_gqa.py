@@ -49,8 +49,9 @@ def rotary_tables(inv_freq, positions: int) -> tuple[np.ndarray, np.ndarray]:
     return freqs.cos().numpy(), freqs.sin().numpy()
 
 
-def build_gqa_decoder(model, spec: ModelSpec, path: Path) -> GraphEntry:
-    """Write the fp32 GQA decoder of `model` (InternVLForConditionalGeneration-shaped) to `path`."""
+def build_gqa_decoder(model, spec: ModelSpec, path: Path, quantize=None) -> GraphEntry:
+    """Write the fp32 GQA decoder of `model` (InternVLForConditionalGeneration-shaped) to `path`, or with `quantize`
+    (graph_builder.Quantizer) what that quantizer makes of it, straight from the weights."""
     import onnx_ir as ir
 
     from .onnx_export import EXTERNAL_DATA_BYTES
@@ -145,7 +146,7 @@ def build_gqa_decoder(model, spec: ModelSpec, path: Path) -> GraphEntry:
 
     g.save(path, [values[s.name] for s in inputs], [logits, *presents], outputs, "decoder_gqa", {"": OPSET, MS: 1},
            {"vl_export.role": "decoder", "vl_export.precision": "fp32", "vl_export.kv_cache": "in-place",
-            "vl_export.form": FORM}, EXTERNAL_DATA_BYTES)
+            "vl_export.form": FORM}, EXTERNAL_DATA_BYTES, quantize)
     return GraphEntry(role="decoder", file=path.name, precision="fp32", inputs=inputs, outputs=outputs, form=FORM)
 
 

@@ -6,7 +6,8 @@ graphs.py stays the readable statement of the graphs, and tests hold these equal
 exporting them: the exporter traced, decomposed and optimised the same ~20 nodes per layer for over a minute at
 Qwen2.5-0.5B (74.7 s of a 354 s INT8 build, README "Build memory and time") and 30-40 s for InternViT-300M, and held
 the graph's weights upcast to fp32 while it did (the decoder's export was the build's peak); here each weight is read
-when it is written (graph_builder.WeightGraph).
+when it is written (graph_builder.WeightGraph). Each builder takes a `quantize` (graph_builder.Quantizer): the
+quantized graph is then written straight from the checkpoint's weights, never the full-precision one.
 
 The decoder. Standard ONNX operators only (opset 18, as the exported graphs), in the order and precision graphs.Decoder states:
 in fp16 graphs the matmuls and the KV cache are fp16, RMSNorm, rotary, softmax and the residual stream fp32. The
@@ -28,7 +29,7 @@ from vl_export.spec import ModelSpec
 from .graph_builder import WeightGraph, graph_inputs, to_numpy
 
 
-def build_portable_decoder(model, spec: ModelSpec, precision: str, path: Path) -> GraphEntry:
+def build_portable_decoder(model, spec: ModelSpec, precision: str, path: Path, quantize=None) -> GraphEntry:
     """Write `model`'s (InternVLForConditionalGeneration-shaped) portable decoder in `precision` (fp32|fp16) to
     `path`; inputs and outputs as onnx_export.graph_io says."""
     import onnx_ir as ir
@@ -128,11 +129,11 @@ def build_portable_decoder(model, spec: ModelSpec, precision: str, path: Path) -
     logits = cast(g.matmul(x, [model.lm_head], "lm_head"), f32)
     logits.name = "logits"
     g.save(path, [values[s.name] for s in inputs], [logits, *presents], outputs, "decoder", {"": OPSET},
-           {"vl_export.role": "decoder", "vl_export.precision": precision}, EXTERNAL_DATA_BYTES)
+           {"vl_export.role": "decoder", "vl_export.precision": precision}, EXTERNAL_DATA_BYTES, quantize)
     return GraphEntry(role="decoder", file=path.name, precision=precision, inputs=inputs, outputs=outputs)
 
 
-def build_vision_encoder(model, spec: ModelSpec, precision: str, path: Path) -> GraphEntry:
+def build_vision_encoder(model, spec: ModelSpec, precision: str, path: Path, quantize=None) -> GraphEntry:
     """Write `model`'s vision encoder in `precision` (fp32|fp16) to `path`, as torch.onnx exports graphs.VisionEncoder:
     the patterns ONNX Runtime's fusions (calibration/ort_fusions.py) rewrite are the exporter's -- Reshape/Transpose
     (perms 0213, 0231, 0213) around MatMul-Mul-Softmax-MatMul, and x * (0.5 * (erf(x / sqrt 2) + 1)) -- and the
@@ -202,11 +203,11 @@ def build_vision_encoder(model, spec: ModelSpec, precision: str, path: Path) -> 
         x = op("Add", [x, op("Mul", [const(f"{p}.lambda_2", layer.lambda_2), out])])
     x.name = "vision_features"
     g.save(path, [pixels], [x], outputs, "vision_encoder", {"": OPSET},
-           {"vl_export.role": "vision_encoder", "vl_export.precision": precision}, EXTERNAL_DATA_BYTES)
+           {"vl_export.role": "vision_encoder", "vl_export.precision": precision}, EXTERNAL_DATA_BYTES, quantize)
     return GraphEntry(role="vision_encoder", file=path.name, precision=precision, inputs=inputs, outputs=outputs)
 
 
-def build_projector(model, spec: ModelSpec, precision: str, path: Path) -> GraphEntry:
+def build_projector(model, spec: ModelSpec, precision: str, path: Path, quantize=None) -> GraphEntry:
     """Write `model`'s projector in `precision` to `path`, as torch.onnx exports graphs.Projector: drop CLS, InternVL's
     pixel unshuffle (v2) as Reshape/Transpose, fp32 LayerNorm, MatMul + Add, the exporter's erf GELU, MatMul + Add.
     Its torch export took 2-4 s of a build for two matmuls (most of it the exporter's own start)."""
@@ -239,7 +240,7 @@ def build_projector(model, spec: ModelSpec, precision: str, path: Path) -> Graph
     y = cast(g.matmul(h, [mlp.linear_2], "mlp.linear_2"), f32)
     y.name = "image_embeds"
     g.save(path, [features], [y], outputs, "projector", {"": OPSET},
-           {"vl_export.role": "projector", "vl_export.precision": precision}, EXTERNAL_DATA_BYTES)
+           {"vl_export.role": "projector", "vl_export.precision": precision}, EXTERNAL_DATA_BYTES, quantize)
     return GraphEntry(role="projector", file=path.name, precision=precision, inputs=inputs, outputs=outputs)
 
 

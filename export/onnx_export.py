@@ -96,12 +96,13 @@ def _weight_bytes(module: torch.nn.Module) -> int:
 
 
 def export_graph(role: str, model: torch.nn.Module, spec: ModelSpec, precision: str, out_dir: Path,
-                 release_weights: bool = False, torch_exporter: bool | None = None) -> GraphEntry:
+                 release_weights: bool = False, torch_exporter: bool | None = None, quantized=None) -> GraphEntry:
     """Write one graph to out_dir/FILES[role]; names, dtypes and axes as `graph_io` says.
 
     The three graphs are built from the weights (graphs_portable.py: the graphs torch.onnx exports of graphs.py's
     wrappers, op for op; tests hold the two equal on outputs) unless `torch_exporter` asks for that export, the
-    reference those tests build.
+    reference those tests build. `quantized` (decoder_variants.Quantized) writes that quantized form of the built graph
+    instead, straight from the weights.
     `release_weights` frees the torch weights only this graph reads once it is written, before the checker
     reads the file back.
     """
@@ -109,10 +110,12 @@ def export_graph(role: str, model: torch.nn.Module, spec: ModelSpec, precision: 
 
     from .graphs_portable import BUILDERS
 
-    path = out_dir / FILES[role]
+    path = out_dir / (quantized.file if quantized else FILES[role])
     if torch_exporter is None:
         torch_exporter = role not in BUILDERS
-    if torch_exporter:
+    if quantized is not None:
+        entry = quantized.entry(BUILDERS[role](model, spec, precision, path, quantized.make))
+    elif torch_exporter:
         entry = _torch_export(role, model, spec, precision, path)
     elif role in BUILDERS:
         entry = BUILDERS[role](model, spec, precision, path)

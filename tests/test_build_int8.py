@@ -110,13 +110,16 @@ def test_qdq_nodes_sit_exactly_where_the_recipe_says(bundle_int8, tiny):
     assert ort_vision.count("MultiHeadAttention") == layers and ort_vision.count("Gelu") == layers  # fused for ORT
 
 
-def test_build_reports_time_and_peak_memory_per_step_largest_graph_first(bundle_int8):
+def test_build_reports_time_and_peak_memory_per_step_decoders_last(bundle_int8):
     done = [line for line in BUILD_LINES if ": done in " in line]
     assert len(done) >= 10 and all(" s, peak RSS " in line and line.endswith(" GiB") for line in done)
     exported = [line.split(" (")[0] for line in done if line.startswith(("exporting ", "building the decoder"))]
-    # The ORT variants' GQA decoder first, while the decoder's weights are still loaded; then largest first.
-    assert exported == ["building the decoder with GroupQueryAttention and an in-place KV cache", "exporting decoder",
-                        "exporting vision_encoder", "exporting projector"]
+    # The vision tower's and projector's weights go first; then both decoders from the language model's weights,
+    # the calibration-free INT8 ones quantized as they are built.
+    assert exported == ["exporting vision_encoder", "exporting projector",
+                        "building the decoder with GroupQueryAttention and an in-place KV cache", "exporting decoder"]
+    assert any("dynamic-int8-w7, straight from the weights" in line for line in done)
+    assert any(line.startswith("exporting decoder (weight-only-int8, straight from the weights)") for line in done)
     assert any(line.startswith("calibrating: ") and " tiles" in line for line in BUILD_LINES)  # counted progress
 
 

@@ -373,3 +373,53 @@ def test_calib_tiles_must_be_a_count_or_all(capsys, tmp_path):
         main(["build", "--model", "random:tiny", "--out", str(tmp_path / "b"), "--precision", "int8", "--calib-tiles", "0"])
     assert exit_.value.code == 2 and "expected a number of tiles >= 1 or 'all'" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("how", ["weight_only_int8", "dynamic_int8"])
+def test_quantized_weights_streamed_to_external_data_are_the_inline_graph(bundle_fp32, tmp_path, monkeypatch, how):
+    """Above quantize.STREAM_BYTES of int8 weights (the 1B's decoders), each weight goes to the graph's external data
+    as it is made: the same graph and values as written inline, page-aligned, and ONNX Runtime runs it the same."""
+    import onnx
+    import onnxruntime as ort
+
+    from vl_export.calibration import quantize
+
+    src = bundle_fp32 / "decoder.onnx"
+    getattr(quantize, how)(src, tmp_path / "inline.onnx")
+    monkeypatch.setattr(quantize, "STREAM_BYTES", 0)
+    (tmp_path / "streamed").mkdir()
+    getattr(quantize, how)(src, tmp_path / "streamed" / "q.onnx")
+    data = tmp_path / "streamed" / "q.onnx.data"
+    header = onnx.load(str(tmp_path / "streamed" / "q.onnx"), load_external_data=False)
+    external = [t for t in header.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    offsets = [int(next(e.value for e in t.external_data if e.key == "offset")) for t in external]
+    assert len(external) >= 7 * layers_of(bundle_fp32) and all(o % 4096 == 0 for o in offsets)
+    assert data.stat().st_size >= sum(int(np.prod(t.dims)) for t in external)
+    inline, streamed = onnx.load(str(tmp_path / "inline.onnx")), onnx.load(str(tmp_path / "streamed" / "q.onnx"))
+    assert [n.SerializeToString() for n in inline.graph.node] == [n.SerializeToString() for n in streamed.graph.node]
+    want = {t.name: onnx.numpy_helper.to_array(t) for t in inline.graph.initializer}
+    got = {t.name: onnx.numpy_helper.to_array(t) for t in streamed.graph.initializer}
+    assert want.keys() == got.keys() and all(np.array_equal(want[n], got[n]) for n in want)
+    feed = feeds_of(bundle_fp32)
+    run = lambda p: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(["logits"], feed)[0]  # noqa: E731
+    np.testing.assert_array_equal(run(tmp_path / "streamed" / "q.onnx"), run(tmp_path / "inline.onnx"))
+
+
+def layers_of(bundle) -> int:
+    from vl_export.manifest import Manifest
+
+    return Manifest.load(bundle).model.text.num_layers
+
+
+def feeds_of(bundle) -> dict[str, np.ndarray]:
+    """A 3-token prefill feed for the bundle's fp32 decoder."""
+    from vl_export.manifest import Manifest
+
+    spec = Manifest.load(bundle).model.text
+    feed = {"inputs_embeds": np.random.default_rng(0).standard_normal((1, 3, spec.hidden_size)).astype(np.float32),
+            "attention_mask": np.ones((1, 3), np.int64), "position_ids": np.arange(3, dtype=np.int64)[None],
+            "logits_positions": np.array([[2]], np.int64)}
+    for i in range(spec.num_layers):
+        for kind in ("key", "value"):
+            feed[f"past_key_values.{i}.{kind}"] = np.zeros((1, spec.num_kv_heads, 0, spec.head_dim), np.float32)
+    return feed

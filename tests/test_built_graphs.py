@@ -86,3 +86,40 @@ def test_built_graph_is_the_exported_graph(members, tmp_path, role, member, prec
     limit = 1e-5 if precision == "fp32" else 2e-2  # fp16: torch's and ONNX Runtime's fp16 matmuls round apart
     for got, want in zip(built, torch_out):
         assert float(np.abs(got.astype(np.float32) - want).max()) <= limit * max(1.0, scale)
+
+
+def _same_file_content(a, b) -> None:
+    """Two ONNX files that hold the same model: nodes, initializers (in order, byte for byte), value types, the rest."""
+    import onnx
+
+    a, b = onnx.load(str(a)), onnx.load(str(b))
+    assert [n.SerializeToString() for n in a.graph.node] == [n.SerializeToString() for n in b.graph.node]
+    assert [t.name for t in a.graph.initializer] == [t.name for t in b.graph.initializer]
+    assert all(x.SerializeToString() == y.SerializeToString() for x, y in zip(a.graph.initializer, b.graph.initializer))
+    assert [v.SerializeToString() for v in a.graph.value_info] == [v.SerializeToString() for v in b.graph.value_info]
+    a.graph.ClearField("initializer")
+    b.graph.ClearField("initializer")
+    assert a.SerializeToString() == b.SerializeToString()
+
+
+@pytest.mark.parametrize("member", ["qwen2+vit300m", "internlm2+vit6b"])
+def test_decoders_quantized_as_they_are_built_are_the_quantizers_files(members, tmp_path, member):
+    """A build writes its calibration-free INT8 decoders straight from the weights (decoder_variants.Quantized): the
+    files are those the quantizers make from the written fp32 graphs, byte for byte."""
+    from vl_export.calibration import dynamic, quantize
+    from vl_export.export.decoder_variants import ort_dynamic_int8, weight_only_int8
+    from vl_export.export.graphs_gqa import build_gqa_decoder
+
+    ck = load_checkpoint(str(members[member]), lambda _: None, stored_dtype=True)
+    export_graph("decoder", ck.model, ck.spec, "fp32", tmp_path)
+    quantize.weight_only_int8(tmp_path / "decoder.onnx", tmp_path / "from-file.int8.onnx")
+    entry = export_graph("decoder", ck.model, ck.spec, "fp32", tmp_path, quantized=weight_only_int8())
+    assert (entry.file, entry.precision, entry.recipe) == ("decoder.int8.onnx", "int8", "weight-only-int8")
+    _same_file_content(tmp_path / "from-file.int8.onnx", tmp_path / entry.file)
+
+    build_gqa_decoder(ck.model, ck.spec, tmp_path / "gqa.onnx")
+    dynamic.dynamic_int8(tmp_path / "gqa.onnx", tmp_path / "gqa-from-file.int8.onnx")
+    made = ort_dynamic_int8()
+    entry = made.entry(build_gqa_decoder(ck.model, ck.spec, tmp_path / made.file, made.make))
+    assert (entry.precision, entry.recipe, entry.backends, entry.form) == ("int8", "dynamic-int8-w7", ("onnxruntime",), "gqa")
+    _same_file_content(tmp_path / "gqa-from-file.int8.onnx", tmp_path / made.file)
