@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+from functools import partial
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,20 +82,18 @@ def _build_bundle(model: str, out: Path, config: BuildConfig, progress: Progress
     path, sha = ck.path, ck.sha256
     with output_directory(ck, Path(out), config.overwrite) as staging:
         graph_precision = "fp16" if config.precision == "fp16" else "fp32"
-        made, quantized, before_decoder = {}, {}, None
+        made, quantized = {}, {}
         if calibration is not None:
-            from .decoder_variants import export_inplace_source, ort_dynamic_int8, weight_only_int8
+            from .decoder_variants import weight_only_int8
 
             # INT8 decoders that need no calibration are written quantized as they are built from the weights.
             if config.precision == "int8" and config.decoder_recipe == "weight-only":
                 quantized["decoder"] = weight_only_int8()
-
-            def before_decoder():  # the ORT variants' source, made while the decoder's weights are still here
-                made["inplace"] = export_inplace_source(ck, staging, config.backend, progress,
-                                                        ort_dynamic_int8() if config.precision == "int8" else None)
         # Each graph's torch weights go as soon as it is written; verify loads the checkpoint again at the end.
         manifest = write_bundle(ck, staging, graph_precision, progress, embed_precision=config.precision,
-                                release_weights=True, quantized=quantized, before_decoder=before_decoder)
+                                release_weights=True, quantized=quantized,
+                                before_decoder=None if calibration is None else partial(
+                                    _ort_variant_source, ck, staging, config, progress, made))
         inplace = made.get("inplace")
         del ck
         if calibration is not None:
@@ -113,6 +112,15 @@ def _build_bundle(model: str, out: Path, config: BuildConfig, progress: Progress
         raise VerificationFailed(f"the bundle was written but does not verify against PyTorch: {', '.join(failed)} "
                                  f"(run vl-export verify for the full table)")
     return manifest
+
+
+def _ort_variant_source(ck, staging: Path, config: BuildConfig, progress: Progress, made: dict) -> None:
+    """ONNX Runtime's decoder variants' source (the GQA decoder; for INT8 its dynamic-INT8 form itself, straight from
+    the weights), made while the language model's weights are still loaded: into made["inplace"]."""
+    from .decoder_variants import export_inplace_source, ort_dynamic_int8
+
+    made["inplace"] = export_inplace_source(ck, staging, config.backend, progress,
+                                            ort_dynamic_int8() if config.precision == "int8" else None)
 
 
 def quick_verify(bundle: Path, ck, config: BuildConfig, progress: Progress) -> dict:

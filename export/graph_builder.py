@@ -62,6 +62,7 @@ class WeightGraph:
         self.wide = ir.DataType.from_numpy(self.matmul_dtype)  # the matmuls' (and a decoder's KV cache's) dtype
         self._ints = 0
         self._two = None  # RMSNorm's exponent, made with the first RMSNorm
+        self._gelu = None  # the erf GELU's constants, made with the first GELU
 
     def const(self, name: str, array: np.ndarray):
         import onnx_ir as ir
@@ -89,6 +90,16 @@ class WeightGraph:
         mean = op("ReduceMean", [op("Pow", [x, self._two]), self.i64([-1])], {"keepdims": 1})
         inverse = op("Reciprocal", [op("Sqrt", [op("Add", [mean, eps])])])
         return op("Mul", [weight, op("Mul", [x, inverse])])
+
+    def gelu(self, x):
+        """x * (0.5 * (erf(x / sqrt 2) + 1)) in the matmul dtype: the exporter's erf GELU, which ONNX Runtime's fusion
+        turns into its Gelu kernel."""
+        if self._gelu is None:
+            self._gelu = [self.const(f"gelu.{n}", np.array(v, self.matmul_dtype))
+                          for n, v in (("sqrt2", np.sqrt(2.0)), ("one", 1.0), ("half", 0.5))]
+        sqrt2, one, half = self._gelu
+        op = self.tape.op
+        return op("Mul", [x, op("Mul", [half, op("Add", [op("Erf", [op("Div", [x, sqrt2])]), one])])])
 
     def weight(self, name: str, make, shape: tuple[int, int]):
         """An initializer of the matmul dtype made only when it is written."""

@@ -29,18 +29,26 @@ from vl_export.spec import ModelSpec
 from .graph_builder import WeightGraph, graph_inputs, to_numpy
 
 
+def _start(role: str, spec: ModelSpec, precision: str):
+    """`role`'s graph inputs and outputs (onnx_export.graph_io) and an empty WeightGraph of the precision's matmul
+    dtype (fp16 graphs: fp16 matmuls; fp32 otherwise)."""
+    from .onnx_export import graph_io
+
+    inputs, outputs = graph_io(role, spec, precision)
+    return inputs, outputs, WeightGraph(np.float16 if precision == "fp16" else np.float32)
+
+
 def build_portable_decoder(model, spec: ModelSpec, precision: str, path: Path, quantize=None) -> GraphEntry:
     """Write `model`'s (InternVLForConditionalGeneration-shaped) portable decoder in `precision` (fp32|fp16) to
     `path`; inputs and outputs as onnx_export.graph_io says."""
     import onnx_ir as ir
 
-    from .onnx_export import EXTERNAL_DATA_BYTES, OPSET, graph_io
+    from .onnx_export import EXTERNAL_DATA_BYTES, OPSET
 
     t = spec.text
     lm = model.model.language_model
-    inputs, outputs = graph_io("decoder", spec, precision)
-    wide = np.float16 if precision == "fp16" else np.float32  # the matmuls' and the KV cache's dtype
-    g = WeightGraph(wide)
+    inputs, outputs, g = _start("decoder", spec, precision)
+    wide = g.matmul_dtype  # the matmuls' and the KV cache's dtype
     op, i64, cast = g.tape.op, g.i64, g.cast
     f32, w_type = ir.DataType.FLOAT, g.wide
 
@@ -142,13 +150,12 @@ def build_vision_encoder(model, spec: ModelSpec, precision: str, path: Path, qua
     import onnx_ir as ir
     from torch import nn
 
-    from .onnx_export import EXTERNAL_DATA_BYTES, OPSET, graph_io
+    from .onnx_export import EXTERNAL_DATA_BYTES, OPSET
 
     v = spec.vision
     tower = model.model.vision_tower
-    inputs, outputs = graph_io("vision_encoder", spec, precision)
-    wide = np.float16 if precision == "fp16" else np.float32
-    g = WeightGraph(wide)
+    inputs, outputs, g = _start("vision_encoder", spec, precision)
+    wide = g.matmul_dtype
     op, i64, cast = g.tape.op, g.i64, g.cast
     f32, w_type = ir.DataType.FLOAT, g.wide
 
@@ -179,8 +186,6 @@ def build_vision_encoder(model, spec: ModelSpec, precision: str, path: Path, qua
     x = op("Add", [op("Concat", [cls, x], {"axis": 1}), const("position_embeddings", emb.position_embeddings)])
     scale = g.const("attention.scale", np.array(tower.encoder.layer[0].attention.scale, wide))
     heads_shape, merged_shape = i64([0, positions, heads, d]), i64([0, positions, c])
-    gelu_constants = [g.const(f"gelu.{n}", np.array(value, wide)) for n, value in (("sqrt2", np.sqrt(2.0)),
-                                                                                     ("one", 1.0), ("half", 0.5))]
     for i, layer in enumerate(tower.encoder.layer):
         p, attn = f"layers.{i}", layer.attention
         h = cast(norm(x, layer.layernorm_before, f"{p}.norm1"), w_type)
@@ -197,9 +202,7 @@ def build_vision_encoder(model, spec: ModelSpec, precision: str, path: Path, qua
         out = cast(g.matmul(out, [attn.projection_layer], f"{p}.attn.proj"), f32)
         x = op("Add", [x, op("Mul", [const(f"{p}.lambda_1", layer.lambda_1), out])])
         h = g.matmul(cast(norm(x, layer.layernorm_after, f"{p}.norm2"), w_type), [layer.mlp.fc1], f"{p}.mlp.fc1")
-        sqrt2, one, half = gelu_constants
-        h = op("Mul", [h, op("Mul", [half, op("Add", [op("Erf", [op("Div", [h, sqrt2])]), one])])])
-        out = cast(g.matmul(h, [layer.mlp.fc2], f"{p}.mlp.fc2"), f32)
+        out = cast(g.matmul(g.gelu(h), [layer.mlp.fc2], f"{p}.mlp.fc2"), f32)
         x = op("Add", [x, op("Mul", [const(f"{p}.lambda_2", layer.lambda_2), out])])
     x.name = "vision_features"
     g.save(path, [pixels], [x], outputs, "vision_encoder", {"": OPSET},
@@ -213,12 +216,10 @@ def build_projector(model, spec: ModelSpec, precision: str, path: Path, quantize
     Its torch export took 2-4 s of a build for two matmuls (most of it the exporter's own start)."""
     import onnx_ir as ir
 
-    from .onnx_export import EXTERNAL_DATA_BYTES, OPSET, graph_io
+    from .onnx_export import EXTERNAL_DATA_BYTES, OPSET
 
     mlp = model.model.multi_modal_projector
-    inputs, outputs = graph_io("projector", spec, precision)
-    wide = np.float16 if precision == "fp16" else np.float32
-    g = WeightGraph(wide)
+    inputs, outputs, g = _start("projector", spec, precision)
     op, i64, cast = g.tape.op, g.i64, g.cast
     f32, w_type = ir.DataType.FLOAT, g.wide
     c, grid, r = spec.vision.hidden_size, spec.vision.grid, spec.shuffle_factor
@@ -233,10 +234,7 @@ def build_projector(model, spec: ModelSpec, precision: str, path: Path, quantize
     x = op("LayerNormalization", [x, g.const("mlp.layer_norm.weight", to_numpy(norm.weight)),
                                   g.const("mlp.layer_norm.bias", to_numpy(norm.bias))],
            {"axis": -1, "epsilon": float(norm.eps), "stash_type": 1})
-    h = g.matmul(cast(x, w_type), [mlp.linear_1], "mlp.linear_1")
-    sqrt2, one, half = (g.const(f"gelu.{n}", np.array(value, wide)) for n, value in (("sqrt2", np.sqrt(2.0)),
-                                                                                    ("one", 1.0), ("half", 0.5)))
-    h = op("Mul", [h, op("Mul", [half, op("Add", [op("Erf", [op("Div", [h, sqrt2])]), one])])])
+    h = g.gelu(g.matmul(cast(x, w_type), [mlp.linear_1], "mlp.linear_1"))
     y = cast(g.matmul(h, [mlp.linear_2], "mlp.linear_2"), f32)
     y.name = "image_embeds"
     g.save(path, [features], [y], outputs, "projector", {"": OPSET},
