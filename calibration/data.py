@@ -30,7 +30,6 @@ DEFAULT_PROMPTS = (
 )
 
 
-
 def default_images() -> list[Image.Image]:
     """A small built-in set: drawings of shapes and text at the aspect ratios photos come in, one noise image."""
     rng = np.random.default_rng(2025)

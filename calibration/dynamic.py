@@ -22,6 +22,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from .static_qdq import channel_scales, quantize_channels
+
 # onnxruntime.quantization's int8 range with reduce_range: [-64, 64] (7 bits), zero point 0.
 QMIN, QMAX = -64, 64
 
@@ -30,13 +32,8 @@ def quantize_columns(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(K, N) fp32 -> int8 (K, N) and fp32 scales (N,): ONNX Runtime's symmetric per-channel arithmetic
     (compute_scale_zp + quantize_nparray) for every column at once. `w` is overwritten (the caller's own copy: one
     fp32 weight in memory, not two; lm_head's is 0.54 GB at Qwen2.5-0.5B)."""
-    absmax = np.maximum(-np.minimum(w.min(axis=0), 0), np.maximum(w.max(axis=0), 0))  # fp32, as ORT's rmin/rmax
-    scale64 = (absmax.astype(np.float64) * 2.0) / (QMAX - QMIN)  # ORT promotes (rmax - rmin) / (qmax - qmin)
-    scale = scale64.astype(np.float32)
-    scale[scale64 < np.finfo(np.float32).tiny] = 1.0  # an all-zero column: ORT's scale 1
-    q = np.divide(w, scale, out=w)  # fp32 / fp32, then rounded half to even and clipped, all in place
-    np.clip(np.rint(q, out=q), -128, 127, out=q)
-    return q.astype(np.int8), scale
+    scale = channel_scales(w, 1, QMIN, QMAX)
+    return quantize_channels(w, scale, 1), scale
 
 
 def dynamic_int8(src: Path, dst: Path) -> int:
@@ -53,7 +50,7 @@ def dynamic_int8_model(model: onnx.ModelProto, read: Callable[[TensorProto], np.
 
     graph = model.graph
     weights = {t.name: t for t in graph.initializer}
-    written = WeightFile(dst, streamed(model, (n.input[1] for n in graph.node if n.op_type == "MatMul" and len(n.input) > 1)))
+    written = WeightFile(dst, streamed(model))
     quantized: dict[str, tuple[str, str, str]] = {}  # weight -> (int8, scale, zero point) names
     activations: dict[str, tuple[str, str, str]] = {}  # input -> DynamicQuantizeLinear outputs
     new_nodes, count = [], 0
@@ -95,7 +92,7 @@ def dynamic_int8_model(model: onnx.ModelProto, read: Callable[[TensorProto], np.
     return count
 
 
-def _quantize_initializer(tensor: onnx.TensorProto, read, graph: onnx.GraphProto, out) -> tuple[str, str, str]:
+def _quantize_initializer(tensor: onnx.TensorProto, read, graph: onnx.GraphProto, written) -> tuple[str, str, str]:
     """Quantize one weight (read now, from wherever it is); its fp32 initializer is emptied (and dropped at the end,
     once nothing reads it)."""
     name = tensor.name
@@ -103,7 +100,7 @@ def _quantize_initializer(tensor: onnx.TensorProto, read, graph: onnx.GraphProto
     q, scale = quantize_columns(w)
     del w
     names = (name + "_quantized", name + "_scale", name + "_zero_point")
-    graph.initializer.extend([out.tensor(q, names[0]), numpy_helper.from_array(scale, names[1]),
+    graph.initializer.extend([written.tensor(q, names[0]), numpy_helper.from_array(scale, names[1]),
                               numpy_helper.from_array(np.zeros(scale.shape, np.int8), names[2])])
     tensor.ClearField("external_data")
     tensor.ClearField("raw_data")

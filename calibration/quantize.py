@@ -47,10 +47,6 @@ class _Reader:
         pass
 
 
-def _big(path: Path) -> bool:
-    return sum(f.stat().st_size for f in path.parent.glob(path.name + "*")) > EXTERNAL_DATA_BYTES
-
-
 def lean_session(calibrator) -> None:
     """Reopen the calibrator's session on its augmented graph in priority order, without ONNX Runtime's memory
     pattern.
@@ -278,7 +274,7 @@ def weight_only_int8_model(model: onnx.ModelProto, read: Callable[[onnx.TensorPr
     weights of a graph being built from a checkpoint, which then never exists in fp32 on disk)."""
     graph = model.graph
     weights = {t.name: t for t in graph.initializer}
-    written = WeightFile(dst, streamed(model, (n.input[1] for n in graph.node if n.op_type == "MatMul" and len(n.input) > 1)))
+    written = WeightFile(dst, streamed(model))
     consumers: dict[str, int] = {}
     for node in graph.node:
         for name in node.input:
@@ -327,7 +323,8 @@ class WeightFile:
             return numpy_helper.from_array(array, name)
         tensor = onnx.TensorProto(name=name, data_type=onnx.helper.np_dtype_to_tensor_dtype(array.dtype),
                                   dims=array.shape, data_location=onnx.TensorProto.EXTERNAL)
-        offset = -self._file.tell() % 4096 + self._file.tell()
+        end = self._file.tell()
+        offset = end + -end % 4096  # the next 4096-byte boundary
         self._file.seek(offset)
         np.ascontiguousarray(array).tofile(self._file)
         for key, value in (("location", self.location), ("offset", str(offset)), ("length", str(array.nbytes))):
@@ -346,10 +343,11 @@ class WeightFile:
         onnx.save_model(model, str(self.dst))  # what is inline (scales, norms, biases) is small
 
 
-def streamed(model: onnx.ModelProto, weights: Iterable[str]) -> bool:
-    """Whether the int8 forms of `weights` come to more than STREAM_BYTES."""
+def streamed(model: onnx.ModelProto) -> bool:
+    """Whether the int8 forms of the graph's MatMul weights come to more than STREAM_BYTES."""
     sizes = {t.name: int(np.prod(t.dims, dtype=np.int64)) for t in model.graph.initializer}
-    return sum(sizes.get(name, 0) for name in set(weights)) > STREAM_BYTES
+    weights = {n.input[1] for n in model.graph.node if n.op_type == "MatMul" and len(n.input) > 1}
+    return sum(sizes.get(name, 0) for name in weights) > STREAM_BYTES
 
 
 def save(model: onnx.ModelProto, dst: Path) -> None:

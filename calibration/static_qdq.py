@@ -87,13 +87,11 @@ def write_w8a8(src: Path, dst: Path, ranges: dict[str, tuple[np.ndarray, np.ndar
     `dst`, activation scales from `ranges` ({tensor: (lowest, highest)}). Returns the number of nodes quantized."""
     from onnx.external_data_helper import load_external_data_for_model
 
-    from .quantize import save
+    from .quantize import save, weights_of
 
     model = onnx.load(str(src), load_external_data=False)
     graph = model.graph
     weights = {t.name: t for t in graph.initializer}
-    from .quantize import weights_of
-
     read_tensor = weights_of(src)
     read = lambda name: read_tensor(weights[name])  # noqa: E731
     qmin, qmax = weight_range(reduce_range)
