@@ -45,6 +45,23 @@ def bundle_gqa(tiny, bundle_fp32, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def bundle_stacked(tiny, bundle_fp32, tmp_path_factory):
+    from tiny_models import add_gqa_decoder
+
+    return add_gqa_decoder(tiny["original"], bundle_fp32, tmp_path_factory.mktemp("bundles") / "stacked", "stacked")
+
+
+@pytest.fixture(scope="session")
+def internlm2_stacked_bundles(internlm2_gqa_bundles):
+    """The InternLM2 tiny model's fp32 bundle, and that bundle with the stacked-group decoder."""
+    from tiny_models import add_gqa_decoder
+
+    fp32, gqa = internlm2_gqa_bundles
+    root = fp32.parent
+    return fp32, add_gqa_decoder(root / "original", fp32, root / "stacked", "stacked")
+
+
+@pytest.fixture(scope="session")
 def internlm2_gqa_bundles(tmp_path_factory):
     """An InternLM2 tiny model (the 2B's decoder family): its fp32 bundle, and that bundle with the GQA decoder."""
     from tiny_models import TINY_INTERNLM2_LLM, add_gqa_decoder, make_tiny, member_config

@@ -60,9 +60,9 @@ def test_int8_bundle_runs_in_the_runtime(bundle_int8):
     image = Image.fromarray(np.random.default_rng(3).integers(0, 256, (450, 900, 3), dtype=np.uint8))  # 2x1 + thumbnail
     pipe = Pipeline.from_bundle(bundle_int8)
     assert pipe.manifest.graph("decoder", "onnxruntime").file == "decoder.ort-int8.onnx"
-    from vl_export.runtime.backends.ort_inplace import OrtGqaDecoder
+    from vl_export.runtime.backends.ort_inplace import OrtStackedDecoder
 
-    assert pipe.manifest.graph("decoder", "onnxruntime").form == "gqa" and isinstance(pipe.decoder, OrtGqaDecoder)
+    assert pipe.manifest.graph("decoder", "onnxruntime").form == "stacked" and isinstance(pipe.decoder, OrtStackedDecoder)
     result = pipe.chat("Describe the image.", images=image, generation=GenerationConfig(max_new_tokens=8))
     assert len(result.token_ids) == 8 and result.timings.tiles == 3
 
@@ -117,7 +117,7 @@ def test_build_reports_time_and_peak_memory_per_step_decoders_last(bundle_int8):
     # The vision tower's and projector's weights go first; then both decoders from the language model's weights,
     # the calibration-free INT8 ones quantized as they are built.
     assert exported == ["exporting vision_encoder", "exporting projector",
-                        "building the decoder with GroupQueryAttention and an in-place KV cache", "exporting decoder"]
+                        "building the decoder with stacked-group attention and an in-place KV cache", "exporting decoder"]
     assert any("dynamic-int8-w7, straight from the weights" in line for line in done)
     assert any(line.startswith("exporting decoder (weight-only-int8, straight from the weights)") for line in done)
     assert any(line.startswith("calibrating: ") and " tiles" in line for line in BUILD_LINES)  # counted progress

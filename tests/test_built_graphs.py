@@ -117,9 +117,9 @@ def test_decoders_quantized_as_they_are_built_are_the_quantizers_files(members, 
     assert (entry.file, entry.precision, entry.recipe) == ("decoder.int8.onnx", "int8", "weight-only-int8")
     _same_file_content(tmp_path / "from-file.int8.onnx", tmp_path / entry.file)
 
-    build_gqa_decoder(ck.model, ck.spec, tmp_path / "gqa.onnx")
+    build_gqa_decoder(ck.model, ck.spec, tmp_path / "gqa.onnx", form="stacked")
     dynamic.dynamic_int8(tmp_path / "gqa.onnx", tmp_path / "gqa-from-file.int8.onnx")
     made = ort_dynamic_int8()
-    entry = made.entry(build_gqa_decoder(ck.model, ck.spec, tmp_path / made.file, made.make))
-    assert (entry.precision, entry.recipe, entry.backends, entry.form) == ("int8", "dynamic-int8-w7", ("onnxruntime",), "gqa")
+    entry = made.entry(build_gqa_decoder(ck.model, ck.spec, tmp_path / made.file, made.make, "stacked"))
+    assert (entry.precision, entry.recipe, entry.backends, entry.form) == ("int8", "dynamic-int8-w7", ("onnxruntime",), "stacked")
     _same_file_content(tmp_path / "gqa-from-file.int8.onnx", tmp_path / made.file)

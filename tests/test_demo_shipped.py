@@ -91,17 +91,17 @@ def test_runtime_fp32_gives_pytorch_answers_and_int8_stays_within_two_points(dem
 
 
 def test_int4_bundle_stays_within_two_points_of_fp32_on_both_backends(demo_bundles):
-    """ONNX Runtime runs the MatMulNBits GroupQueryAttention decoder (in-place cache), OpenVINO the portable blocked
-    Q/DQ one."""
+    """ONNX Runtime runs the MatMulNBits stacked-group decoder (in-place cache), OpenVINO the portable blocked Q/DQ
+    one."""
     examples = data.heldout(PARITY_N, start=TEST_START)
     fp32 = evaluate(BundleAnswerer(demo_bundles / "fp32"), examples, max_new_tokens=4)
     manifest = json.loads((demo_bundles / "int4" / "manifest.json").read_text())
     decoders = {g["file"]: g["precision"] for g in manifest["graphs"] if g["role"] == "decoder"}
     assert decoders == {"decoder.int4.onnx": "int4", "decoder.ort-int4.onnx": "int4"}
     from vl_export.runtime import Pipeline
-    from vl_export.runtime.backends.ort_inplace import OrtGqaDecoder
+    from vl_export.runtime.backends.ort_inplace import OrtStackedDecoder
 
-    assert isinstance(Pipeline.from_bundle(demo_bundles / "int4").decoder, OrtGqaDecoder)
+    assert isinstance(Pipeline.from_bundle(demo_bundles / "int4").decoder, OrtStackedDecoder)
     for backend, options in (("onnxruntime", {}), ("openvino", {"precision": "f32"})):
         int4 = evaluate(BundleAnswerer(demo_bundles / "int4", backend=backend, **options), examples, max_new_tokens=4)
         assert int4.accuracy >= fp32.accuracy - 0.02, f"{backend}: int4 {int4.accuracy:.1%} vs fp32 {fp32.accuracy:.1%}"

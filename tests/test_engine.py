@@ -29,7 +29,7 @@ REQUESTS = [("Describe the image.", ONE_TILE, 14), ("Name a colour.", WIDE, 9), 
             ("Compare them.", [OTHER, WIDE], 12), ("Hi", None, 6), ("What is this?", OTHER, 16)]
 
 
-@pytest.fixture(scope="module", params=["onnxruntime", "onnxruntime-gqa", "openvino-f32"])
+@pytest.fixture(scope="module", params=["onnxruntime", "onnxruntime-gqa", "onnxruntime-stacked", "openvino-f32"])
 def pipe(request, bundle_fp32):
     if request.param == "onnxruntime":
         return Pipeline.from_bundle(bundle_fp32, threads=1)
@@ -38,6 +38,12 @@ def pipe(request, bundle_fp32):
 
         pipe = Pipeline.from_bundle(request.getfixturevalue("bundle_gqa"), threads=1)
         assert isinstance(pipe.decoder, OrtGqaDecoder)
+        return pipe
+    if request.param == "onnxruntime-stacked":  # the stacked-group decoder (export/graphs_gqa.py), what builds ship
+        from vl_export.runtime.backends.ort_inplace import OrtStackedDecoder
+
+        pipe = Pipeline.from_bundle(request.getfixturevalue("bundle_stacked"), threads=1)
+        assert isinstance(pipe.decoder, OrtStackedDecoder)
         return pipe
     pytest.importorskip("openvino")
     return Pipeline.from_bundle(bundle_fp32, backend="openvino", threads=1, precision="f32")

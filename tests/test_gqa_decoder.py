@@ -1,6 +1,7 @@
-"""What only the GroupQueryAttention decoder (export/graphs_gqa.py, runtime/backends/ort_inplace.py's OrtGqaDecoder)
-has: its fused graph for both decoder families (Qwen2, InternLM2), the write positions it refuses, and the manifest
-and session checks that keep a bundle's GQA graph honest. Its parity with today's fp32 graphs (greedy tokens, logits
+"""What only the decoders built from the weights (export/graphs_gqa.py's GroupQueryAttention and stacked forms;
+runtime/backends/ort_inplace.py's OrtGqaDecoder and OrtStackedDecoder) have: their fused graphs for both decoder
+families (Qwen2, InternLM2), the write positions the GQA form refuses, and the manifest and session checks that keep a
+bundle's built graph honest. Its parity with today's fp32 graphs (greedy tokens, logits
 and cache, rows of one buffer at different lengths) runs in test_inplace_cache.py, engine batching in
 test_engine.py."""
 
@@ -42,6 +43,23 @@ def test_the_gqa_graph_is_chosen_and_fused(pipes):
     assert "Softmax" not in ops and "ScatterElements" not in ops
 
 
+def test_the_stacked_graph_is_chosen_and_attends_per_kv_head(bundle_stacked, internlm2_stacked_bundles):
+    from vl_export.runtime.backends.ort_inplace import OrtStackedDecoder
+
+    for bundle in (bundle_stacked, internlm2_stacked_bundles[1]):
+        pipe = Pipeline.from_bundle(bundle, threads=1)
+        assert isinstance(pipe.decoder, OrtStackedDecoder)
+        entry = pipe.manifest.graph("decoder", "onnxruntime")
+        assert entry.form == "stacked"
+        ops = [n.op_type for n in onnx.load(str(bundle / entry.file), load_external_data=False).graph.node]
+        t = pipe.manifest.model.text
+        assert t.num_heads > t.num_kv_heads  # grouped: the query groups are stacked
+        assert ops.count("MultiHeadAttention") == t.num_layers and "GroupQueryAttention" not in ops
+        assert ops.count("ScatterND") == 2 * t.num_layers and ops.count("RotaryEmbedding") == 2 * t.num_layers
+        assert ops.count("MatMul") == 5 * t.num_layers + 1  # what the INT4 and INT8 steps quantize
+        assert ops.count("Transpose") == 0  # the query heads' order is in the weights, the keys read as stored
+
+
 def test_gqa_refuses_write_positions_it_cannot_honour(bundle_gqa):
     d = Pipeline.from_bundle(bundle_gqa, threads=1).decoder
     hidden = d.session.get_inputs()[0].shape[-1]
@@ -74,12 +92,13 @@ def test_manifest_refuses_a_gqa_entry_that_is_not_one(bundle_gqa, tmp_path, edit
         Manifest.load(_edited(bundle_gqa, tmp_path, edit))
 
 
-def test_a_gqa_graph_whose_io_differs_from_its_manifest_is_refused_at_load(bundle_gqa, tmp_path):
+@pytest.mark.parametrize("form", ["gqa", "stacked"])
+def test_a_built_graph_whose_io_differs_from_its_manifest_is_refused_at_load(form, request, tmp_path):
     """The manifest is self-consistent, the graph is not what it says (inputs renamed): refused when the session opens."""
     from vl_export.export.bundle import with_hashes
 
     out = tmp_path / "renamed"
-    shutil.copytree(bundle_gqa, out)
+    shutil.copytree(request.getfixturevalue(f"bundle_{form}"), out)
     manifest = Manifest.load(out)
     entry = manifest.graph("decoder", "onnxruntime")
     model = onnx.load(str(out / entry.file))
@@ -102,25 +121,27 @@ def test_manifest_without_a_form_is_written_as_before(bundle_fp32):
     assert json.loads(json.dumps(Manifest.load(bundle_fp32).to_dict())) == data
 
 
-def test_gqa_graph_quantizes_to_int4_and_dynamic_int8_close_to_fp32(bundle_gqa, tmp_path):
-    """The build's two ONNX Runtime steps take the GQA graph as they take the exported one: every weight MatMul
-    quantized, logits close to the fp32 GQA graph's over a prompt and decode steps."""
+@pytest.mark.parametrize("form", ["gqa", "stacked"])
+def test_built_graph_quantizes_to_int4_and_dynamic_int8_close_to_fp32(form, request, tmp_path):
+    """The build's two ONNX Runtime steps take the built graphs as they take the exported one: every weight MatMul
+    quantized, logits close to the fp32 graph's over a prompt and decode steps."""
     import dataclasses
 
     from vl_export.calibration import int4, quantize
     from vl_export.runtime.backends.ort import OrtBackend
 
-    manifest = Manifest.load(bundle_gqa)
+    bundle = request.getfixturevalue(f"bundle_{form}")
+    manifest = Manifest.load(bundle)
     entry = manifest.graph("decoder", "onnxruntime")
     layers, hidden = manifest.model.text.num_layers, manifest.model.text.hidden_size
-    src = bundle_gqa / entry.file
+    src = bundle / entry.file
     made = {"int4": tmp_path / "decoder.int4.onnx", "int8": tmp_path / "decoder.int8.onnx"}
     int4.matmul_nbits(src, made["int4"], block_size=32, accuracy_level=4, lm_head="int4")
     quantize.dynamic_int8(src, made["int8"])
     backend = OrtBackend(threads=1)
 
     def run(path) -> np.ndarray:
-        d = OrtGqaDecoder(backend._session(path), dataclasses.replace(entry, file=path.name), backend)
+        d = backend.open_decoder(path.parent, dataclasses.replace(entry, file=path.name))
         rng = np.random.default_rng(5)
         d.reset(1, 16)
         out = [d.forward(rng.standard_normal((1, 6, hidden)).astype(np.float32), np.ones((1, 6), np.int64),

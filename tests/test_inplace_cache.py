@@ -1,5 +1,5 @@
 """The in-place KV cache decoders (the torch-exported export/graphs_inplace.py, and export/graphs_gqa.py's
-GroupQueryAttention form for both decoder families; runtime/backends/ort_inplace.py) against today's concatenating
+GroupQueryAttention and stacked forms for both decoder families; runtime/backends/ort_inplace.py) against today's concatenating
 decoder graph, all fp32 on ONNX Runtime: same greedy tokens, same logits to float rounding, same cache, and rows of
 one buffer at different lengths (engine slots) equal to each row run alone. What only the GQA form has is in
 test_gqa_decoder.py."""
@@ -28,12 +28,13 @@ def inplace_bundle(tiny, bundle_fp32, tmp_path_factory):
     return add_inplace_decoder(tiny["original"], bundle_fp32, tmp_path_factory.mktemp("inplace") / "bundle")
 
 
-@pytest.fixture(scope="module", params=["exported", "gqa-qwen2", "gqa-internlm2"])
+@pytest.fixture(scope="module", params=["exported", "gqa-qwen2", "gqa-internlm2", "stacked-qwen2", "stacked-internlm2"])
 def pipes(request, bundle_fp32):
-    if request.param == "gqa-internlm2":
-        fp32, inplace = request.getfixturevalue("internlm2_gqa_bundles")
+    if request.param.endswith("-internlm2"):
+        fp32, inplace = request.getfixturevalue(f"internlm2_{request.param.split('-')[0]}_bundles")
     else:
-        fp32, inplace = bundle_fp32, request.getfixturevalue("inplace_bundle" if request.param == "exported" else "bundle_gqa")
+        fixture = {"exported": "inplace_bundle", "gqa-qwen2": "bundle_gqa", "stacked-qwen2": "bundle_stacked"}
+        fp32, inplace = bundle_fp32, request.getfixturevalue(fixture[request.param])
     return Pipeline.from_bundle(fp32, threads=2), Pipeline.from_bundle(inplace, threads=2)
 
 
@@ -84,7 +85,11 @@ def test_inplace_logits_and_cache_match_step_by_step(pipes, monkeypatch):
         want, got = a.forward(embeds, current, pos, last), b.forward(embeds, current, pos, last)
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
         assert (got.argmax(-1) == want.argmax(-1)).all()
-    assert b.capacity == 12  # grown once, the kept positions copied into the new layout
+    from vl_export.runtime.backends.ort_inplace import OrtStackedDecoder
+
+    # Grown once, the kept positions copied into the new layout: doubled, or (the stacked decoder, which attends over
+    # the whole view) by GROW_POSITIONS past what is needed.
+    assert b.capacity == (8 if isinstance(b, OrtStackedDecoder) else 12)
     real = np.concatenate([mask, np.ones((2, 3), np.int64)], axis=1).astype(bool)  # (b, past)
     for x, y in zip(a.cache(), b.cache()):
         assert x.shape == y.shape
@@ -126,3 +131,35 @@ def test_rows_of_one_buffer_at_different_lengths_equal_each_row_alone(pipes):
     logits = d.forward_at(nxt, mask, lengths[:, None], np.zeros((2, 1), np.int64), lengths[:, None])
     for row in range(2):
         np.testing.assert_allclose(logits[row], alone[row][0], rtol=1e-4, atol=1e-4)
+
+
+def test_stacked_prefill_in_chunks_equals_one_run(bundle_stacked, monkeypatch):
+    """The stacked decoder reads a long prompt PREFILL_CHUNK positions at a time: the same logits (at positions in
+    different chunks, a left-padded row beside a full one), the same cache and the same next step as one run."""
+    from vl_export.runtime.backends import ort_inplace
+
+    d = Pipeline.from_bundle(bundle_stacked, threads=2).decoder
+    hidden = d.session.get_inputs()[0].shape[-1]
+    rng = np.random.default_rng(7)
+    n = 11
+    embeds = rng.standard_normal((2, n, hidden)).astype(np.float32)
+    mask = np.ones((2, n), np.int64)
+    mask[0, :3] = 0
+    positions = np.where(mask == 1, mask.cumsum(-1) - 1, 1)
+    wanted = np.array([[n - 1, 5], [n - 1, 0]])  # the last chunk's, a middle chunk's and the first chunk's
+    step = rng.standard_normal((2, 1, hidden)).astype(np.float32)
+    results = []
+    for chunk in (64, 4):  # one run; then chunks of 4, 4 and 3
+        monkeypatch.setattr(ort_inplace, "PREFILL_CHUNK", chunk)
+        d.reset(2, 20)
+        logits = d.forward(embeds, mask, positions, wanted)
+        cache = d.cache()
+        after = d.forward(step, np.concatenate([mask, np.ones((2, 1), np.int64)], 1), positions[:, -1:] + 1,
+                          np.zeros((2, 1), np.int64))
+        results.append((logits, cache, after))
+    (one, one_cache, one_after), (chunked, chunked_cache, chunked_after) = results
+    np.testing.assert_allclose(chunked, one, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(chunked_after, one_after, rtol=1e-5, atol=1e-5)
+    real = mask.astype(bool)  # padding positions are never attended to (see the step-by-step test)
+    for x, y in zip(one_cache, chunked_cache):
+        np.testing.assert_allclose(y.transpose(0, 2, 1, 3)[real], x.transpose(0, 2, 1, 3)[real], rtol=1e-5, atol=1e-5)

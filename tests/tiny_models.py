@@ -236,12 +236,14 @@ def add_decoder_variant(checkpoint_dir, bundle, out, make, file: str):
     return out
 
 
-def add_gqa_decoder(checkpoint_dir, bundle, out):
-    """The GroupQueryAttention decoder (export/graphs_gqa.py) as `bundle`'s ONNX Runtime variant."""
+def add_gqa_decoder(checkpoint_dir, bundle, out, form: str = "gqa"):
+    """The decoder built from the weights (export/graphs_gqa.py) in `form` (GroupQueryAttention, or stacked-group
+    attention) as `bundle`'s ONNX Runtime variant."""
     from vl_export.export.graphs_gqa import build_gqa_decoder
 
-    return add_decoder_variant(checkpoint_dir, bundle, out, lambda ck, path: build_gqa_decoder(ck.model, ck.spec, path),
-                               "decoder.ort-gqa.onnx")
+    return add_decoder_variant(checkpoint_dir, bundle, out,
+                               lambda ck, path: build_gqa_decoder(ck.model, ck.spec, path, form=form),
+                               f"decoder.ort-{form}.onnx")
 
 
 def add_inplace_decoder(checkpoint_dir, bundle, out):

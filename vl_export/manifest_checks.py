@@ -20,7 +20,9 @@ PRECISIONS = ("fp32", "fp16", "int8", "int4")
 FLOAT_DTYPES = ("float32", "float16")
 REQUIRED_TOKENS = ("<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>")
 END_OF_TEXT_TOKENS = ("<|endoftext|>", "</s>")  # Qwen2's end of text, InternLM2's: one of them must be named
-GRAPH_FORMS = ("gqa",)  # GraphEntry.form values; gqa: the ONNX Runtime decoder with GroupQueryAttention
+# GraphEntry.form values: ONNX Runtime decoders built from the weights (export/graphs_gqa.py); gqa: with
+# GroupQueryAttention, stacked: with attention as MatMuls over each KV head's stacked query group.
+GRAPH_FORMS = ("gqa", "stacked")
 SYMBOLIC_AXES = ("tiles", "batch", "seq", "past", "total", "num_logits", "capacity")
 # Far beyond any InternVL2.5 (12 tiles of 448, 32k context) yet small enough that nothing downstream hangs or
 # asks the allocator for terabytes: the tiling search is O(max_tiles log max_tiles), the KV cache is per position.
@@ -176,7 +178,7 @@ def check_graph(graph: dict, where: str, bundle: Path, model: dict) -> None:
 
 
 def check_form(graph: dict, inputs: dict, where: str) -> None:
-    """A gqa decoder (export/graphs_gqa.py) has the in-place decoder's IO (check_kv holds it to that once it has
+    """A gqa or stacked decoder (export/graphs_gqa.py) has the in-place decoder's IO (check_kv holds it to that once it has
     write_positions), an fp32 cache, and runs only on ONNX Runtime (its attention, norms and rotary are
     com.microsoft operators)."""
     form = graph["form"]

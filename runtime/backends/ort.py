@@ -29,7 +29,8 @@ def _import_ort():
 
 
 # The GroupQueryAttention decoder relies on ONNX Runtime reading every position id of a prompt when query_seqlens is
-# given (export/graphs_gqa.py; held by tests/test_gqa_decoder.py on 1.32). Older releases were not checked: refused.
+# given (export/graphs_gqa.py; held by tests/test_gqa_decoder.py on 1.32), the stacked one on MultiHeadAttention's
+# attention_bias and its cache-shaped (BNSH) keys. Older releases were not checked: refused.
 GQA_MIN_ORT = (1, 32)
 
 
@@ -37,7 +38,7 @@ def _check_gqa_support(version: str, entry: GraphEntry) -> None:
     numbers = tuple(int(part) for part in version.split(".")[:2] if part.isdigit())
     if numbers < GQA_MIN_ORT:
         raise BackendUnavailableError(
-            f"{entry.file} (the GroupQueryAttention decoder) needs onnxruntime >= {'.'.join(map(str, GQA_MIN_ORT))}, "
+            f"{entry.file} (the {entry.form} decoder) needs onnxruntime >= {'.'.join(map(str, GQA_MIN_ORT))}, "
             f"this is {version} (pip install 'onnxruntime>=1.32')")
 
 
@@ -87,14 +88,15 @@ class OrtBackend(Backend):
 
     def open_decoder(self, bundle: Path, entry: GraphEntry) -> DecoderSession:
         if is_inplace(entry):
-            from .ort_inplace import OrtGqaDecoder, OrtInplaceDecoder
+            from .ort_inplace import OrtGqaDecoder, OrtInplaceDecoder, OrtStackedDecoder
 
             if self.device != "cpu":
                 raise BackendUnavailableError(f"{entry.file} (the in-place cache decoder) runs on ONNX Runtime's CPU "
                                               "provider only; it has not been checked on CUDA")
-            if entry.form == "gqa":
+            if entry.form is not None:
                 _check_gqa_support(_import_ort().__version__, entry)
-                return OrtGqaDecoder(self._session(bundle / entry.file, decoder=True), entry, self)
+                made = OrtGqaDecoder if entry.form == "gqa" else OrtStackedDecoder
+                return made(self._session(bundle / entry.file, decoder=True), entry, self)
             return OrtInplaceDecoder(self._session(bundle / entry.file, decoder=True), entry, self)
         return OrtDecoder(self._session(bundle / entry.file, decoder=True), entry, self)
 

@@ -1,6 +1,6 @@
 """ONNX Runtime sessions (CPU) for the in-place decoder graphs (export/graphs_inplace.py, and export/graphs_gqa.py's
 GroupQueryAttention form, which has the same IO): one (b, kv_heads, capacity, d) host buffer per KV tensor,
-bound as both `past_key_values.*` and `present.*`, so a step writes only its new positions (ScatterElements skips its
+bound as both `past_key_values.*` and `present.*`, so a step writes only its new positions (ScatterElements and ScatterND skip their
 copy when input and output are the same memory) and nothing is swapped, allocated or copied per step.
 
 Besides the DecoderSession interface (one common past length, as the decode loop uses it), `forward_at` takes
@@ -17,6 +17,7 @@ from .base import DecoderSession
 
 
 GROW_POSITIONS = 256  # a view grows by at least this many positions, and at least doubles: amortised copies
+PREFILL_CHUNK = 256  # the stacked decoder reads a longer prompt this many positions at a time
 
 
 class OrtInplaceDecoder(DecoderSession):
@@ -46,7 +47,7 @@ class OrtInplaceDecoder(DecoderSession):
             return
         if total > self.max_capacity:
             raise RuntimeError(f"decoder cache holds {self.batch}x{self.max_capacity}, asked for {self.batch}x{total}")
-        new = min(self.max_capacity, max(2 * self.capacity, total + GROW_POSITIONS))
+        new = min(self.max_capacity, self.grown(total))
         kept = [view[:, :, : self.past_len].copy() for view in self.views]  # before the layout changes
         size = self.batch * self.kv_heads * new * self.head_dim
         if not self.flat or self.flat[0].size < size:
@@ -61,6 +62,10 @@ class OrtInplaceDecoder(DecoderSession):
         mask = np.zeros((self.batch, new), np.int64)
         mask[:, : self.capacity] = self.mask
         self.mask, self.capacity = mask, new
+
+    def grown(self, total: int) -> int:
+        """The view's next size when `total` positions do not fit: at least doubled (amortised copies)."""
+        return max(2 * self.capacity, total + GROW_POSITIONS)
 
     def forward(self, inputs_embeds, attention_mask, position_ids, logits_positions) -> np.ndarray:
         b, s = inputs_embeds.shape[:2]
@@ -119,6 +124,40 @@ class OrtGqaDecoder(OrtInplaceDecoder):
             raise ValueError("the GroupQueryAttention decoder writes each row's new positions consecutively; "
                              f"got write positions {write.tolist()!r:.200}")
         return super().forward_at(inputs_embeds, mask, position_ids, logits_positions, write_positions)
+
+
+class OrtStackedDecoder(OrtInplaceDecoder):
+    """The stacked-query-group decoder (export/graphs_gqa.py, form "stacked"): the in-place decoder's IO and buffers
+    (ScatterElements writes any slot), attention over the whole view. So the view grows by GROW_POSITIONS at a time
+    instead of doubling: after a 1,900-token prompt a doubled view would make every step read twice the positions it
+    uses, while a copy of the kept cache every GROW_POSITIONS steps costs about what one step reads. Its graph is
+    checked against the manifest when the session opens, as the GQA graph's."""
+
+    def __init__(self, session, entry: GraphEntry, backend):
+        super().__init__(session, entry, backend)
+        _check_session_io(session, entry)
+
+    def grown(self, total: int) -> int:
+        return total + GROW_POSITIONS
+
+    def forward(self, inputs_embeds, attention_mask, position_ids, logits_positions) -> np.ndarray:
+        """A prompt longer than PREFILL_CHUNK is read in chunks, each attending over the view as it grows: a single
+        run would attend every position over the whole prompt's view and hold (s*groups, capacity) scores per KV
+        head (230 MB a layer at 1,900 positions); in chunks its prefill took as long as GroupQueryAttention's (README
+        #16). The causal limit is each position's write position, so a chunk never sees later chunks' slots."""
+        s = inputs_embeds.shape[1]
+        if s <= PREFILL_CHUNK:
+            return super().forward(inputs_embeds, attention_mask, position_ids, logits_positions)
+        logits_positions = np.asarray(logits_positions)
+        logits = None
+        for start in range(0, s, PREFILL_CHUNK):
+            stop = min(s, start + PREFILL_CHUNK)
+            here = np.clip(logits_positions - start, 0, stop - start - 1)
+            part = super().forward(inputs_embeds[:, start:stop], attention_mask[:, : self.past_len + stop - start],
+                                   position_ids[:, start:stop], here)
+            inside = ((logits_positions >= start) & (logits_positions < stop))[..., None]
+            logits = part if logits is None else np.where(inside, part, logits)
+        return logits
 
 
 ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "int64": "tensor(int64)"}
