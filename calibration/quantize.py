@@ -197,7 +197,7 @@ def activation_matmuls(path: Path) -> list[str]:
     return [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] not in weights]
 
 
-def dynamic_int8(src: Path, dst: Path) -> None:
+def dynamic_int8(src: Path, dst: Path, head_block: int | None = None) -> None:
     """ONNX Runtime's dynamic INT8: int8 per-channel weights, activations quantized per call (MatMulInteger).
 
     The fast INT8 form on ONNX Runtime's CPU kernels; no calibration. ORT-only in practice. Written weight by
@@ -209,10 +209,12 @@ def dynamic_int8(src: Path, dst: Path) -> None:
     when both are large (255 * 127 * 2 > 32767), silently corrupting the result. Seven-bit weights cannot saturate
     (255 * 64 * 2 < 32768), and cost one bit of weight precision on the CPUs that would not have saturated; a bundle
     does not know which CPU it will run on. (ORT's quantization guide gives the same advice.)
+
+    `head_block`: a decoder's lm_head as 8-bit MatMulNBits instead (`dynamic.nbits8_head`).
     """
     from .dynamic import dynamic_int8 as streamed
 
-    streamed(src, dst)
+    streamed(src, dst, head_block)
 
 
 def fused_dynamic_int8(src: Path, dst: Path) -> None:

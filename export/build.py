@@ -222,15 +222,15 @@ def quantize_bundle(staging: Path, manifest: Manifest, source_sha: str, data, co
         calibrated_steps.append(("decoder", "decoder.int8.onnx", f"{config.decoder_recipe}-{method}" + ("-w7" if seven_bit else ""), None,
                                  calibrated("decoder", lambda: data.decoder_feeds(pipe), smooth)))
     if config.backend == "onnxruntime":
-        from .decoder_variants import INPLACE
+        from .decoder_variants import INPLACE, ORT_INT8_RECIPE, ort_int8_from_file
 
         # ONNX Runtime's CPU kernels run Q/DQ matmuls slowly; its own dynamic INT8 is the fast form there.
         other_steps.append(("vision_encoder", "vision_encoder.ort-int8.onnx", "fused-dynamic-int8-w7", ("onnxruntime",),
                             quantize.fused_dynamic_int8))
         if config.precision == "int8" and not any(g.backends == ("onnxruntime",) for g in made):
             # made from the in-place-cache decoder where one was exported
-            other_steps.append((INPLACE if inplace else "decoder", "decoder.ort-int8.onnx", "dynamic-int8-w7",
-                                ("onnxruntime",), quantize.dynamic_int8))
+            other_steps.append((INPLACE if inplace else "decoder", "decoder.ort-int8.onnx", ORT_INT8_RECIPE,
+                                ("onnxruntime",), ort_int8_from_file))
 
     graphs: list[GraphEntry] = []
     steps = calibrated_steps + other_steps

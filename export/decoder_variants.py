@@ -30,6 +30,7 @@ from vl_export.manifest import GraphEntry
 INPLACE = "decoder (in-place cache)"  # the step name of the in-place fp32 source in build.quantize_bundle
 ORT_DECODER_FORM = "stacked"  # graphs_gqa.FORMS: the form of ONNX Runtime's decoder variants
 INPLACE_FILE = "decoder.inplace-fp32.onnx"  # staged only during the build
+ORT_INT8_RECIPE = "dynamic-int8-w7-lm-head-nbits8-block128"  # the manifest recipe of ort_dynamic_int8's decoder
 INT4_BLOCK_SIZE = 32
 INT4_ACCURACY_LEVEL = 4
 INT4_SYMMETRIC = True
@@ -59,10 +60,19 @@ def weight_only_int8() -> Quantized:
 
 
 def ort_dynamic_int8() -> Quantized:
-    """ONNX Runtime's INT8 decoder, from the in-place decoder (graphs_gqa.py)."""
-    from vl_export.calibration.dynamic import dynamic_int8_model
+    """ONNX Runtime's INT8 decoder, from the in-place decoder (graphs_gqa.py): dynamic INT8, lm_head 8-bit
+    MatMulNBits (calibration/dynamic.py's HEAD_BLOCK)."""
+    from vl_export.calibration.dynamic import HEAD_BLOCK, dynamic_int8_model
 
-    return Quantized("decoder.ort-int8.onnx", "dynamic-int8-w7", dynamic_int8_model, ("onnxruntime",))
+    return Quantized("decoder.ort-int8.onnx", ORT_INT8_RECIPE, partial(dynamic_int8_model, head_block=HEAD_BLOCK),
+                     ("onnxruntime",))
+
+
+def ort_int8_from_file(src: Path, dst: Path) -> None:
+    """ort_dynamic_int8 from an fp32 decoder file (builds whose decoder recipe calibrates on that file)."""
+    from vl_export.calibration.dynamic import HEAD_BLOCK, dynamic_int8
+
+    dynamic_int8(src, dst, HEAD_BLOCK)
 
 
 def check_int4(config) -> None:

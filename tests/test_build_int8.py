@@ -51,7 +51,7 @@ def test_int8_bundle_verifies_and_records_its_numbers(bundle_int8):
     assert {(g.role, g.recipe, g.backends) for g in manifest.graphs} == {
         ("vision_encoder", "w8a8-minmax-w7", None), ("projector", "w8a8-minmax-w7", None),
         ("decoder", "weight-only-int8", None), ("vision_encoder", "fused-dynamic-int8-w7", ("onnxruntime",)),
-        ("decoder", "dynamic-int8-w7", ("onnxruntime",)),
+        ("decoder", "dynamic-int8-w7-lm-head-nbits8-block128", ("onnxruntime",)),
     }
     assert not (bundle_int8 / "vision_encoder.onnx").exists()  # the fp32 graphs are not shipped
 
@@ -118,7 +118,7 @@ def test_build_reports_time_and_peak_memory_per_step_decoders_last(bundle_int8):
     # the calibration-free INT8 ones quantized as they are built.
     assert exported == ["exporting vision_encoder", "exporting projector",
                         "building the decoder with stacked-group attention and an in-place KV cache", "exporting decoder"]
-    assert any("dynamic-int8-w7, straight from the weights" in line for line in done)
+    assert any("dynamic-int8-w7-lm-head-nbits8-block128, straight from the weights" in line for line in done)
     assert any(line.startswith("exporting decoder (weight-only-int8, straight from the weights)") for line in done)
     assert any(line.startswith("calibrating: ") and " tiles" in line for line in BUILD_LINES)  # counted progress
 

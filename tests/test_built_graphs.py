@@ -8,6 +8,7 @@ positions per row."""
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
@@ -106,8 +107,8 @@ def _same_file_content(a, b) -> None:
 def test_decoders_quantized_as_they_are_built_are_the_quantizers_files(members, tmp_path, member):
     """A build writes its calibration-free INT8 decoders straight from the weights (decoder_variants.Quantized): the
     files are those the quantizers make from the written fp32 graphs, byte for byte."""
-    from vl_export.calibration import dynamic, quantize
-    from vl_export.export.decoder_variants import ort_dynamic_int8, weight_only_int8
+    from vl_export.calibration import quantize
+    from vl_export.export.decoder_variants import ort_dynamic_int8, ort_int8_from_file, weight_only_int8
     from vl_export.export.graphs_gqa import build_gqa_decoder
 
     ck = load_checkpoint(str(members[member]), lambda _: None, stored_dtype=True)
@@ -118,8 +119,10 @@ def test_decoders_quantized_as_they_are_built_are_the_quantizers_files(members, 
     _same_file_content(tmp_path / "from-file.int8.onnx", tmp_path / entry.file)
 
     build_gqa_decoder(ck.model, ck.spec, tmp_path / "gqa.onnx", form="stacked")
-    dynamic.dynamic_int8(tmp_path / "gqa.onnx", tmp_path / "gqa-from-file.int8.onnx")
+    ort_int8_from_file(tmp_path / "gqa.onnx", tmp_path / "gqa-from-file.int8.onnx")
     made = ort_dynamic_int8()
     entry = made.entry(build_gqa_decoder(ck.model, ck.spec, tmp_path / made.file, made.make, "stacked"))
-    assert (entry.precision, entry.recipe, entry.backends, entry.form) == ("int8", "dynamic-int8-w7", ("onnxruntime",), "stacked")
+    assert (entry.precision, entry.recipe, entry.backends, entry.form) == (
+        "int8", "dynamic-int8-w7-lm-head-nbits8-block128", ("onnxruntime",), "stacked")
+    assert [n.op_type for n in onnx.load(str(tmp_path / made.file)).graph.node].count("MatMulNBits") == 1  # lm_head
     _same_file_content(tmp_path / "gqa-from-file.int8.onnx", tmp_path / made.file)

@@ -21,8 +21,8 @@ K, N = 256, 64
 
 def float_matmul(path, w: np.ndarray) -> None:
     graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, K])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, N])],
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, w.shape[0]])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, w.shape[1]])],
                               [numpy_helper.from_array(w, "w")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
@@ -86,3 +86,34 @@ def test_tensorrt_w8a8_keeps_all_eight_bits(tmp_path, adversarial):
     float_matmul(tmp_path / "f.onnx", w)
     quantize.w8a8(tmp_path / "f.onnx", tmp_path / "q.onnx", lambda: iter([{"x": x}]), "minmax", None)
     assert max(int(np.abs(q.astype(np.int16)).max()) for q in int8_weights(tmp_path / "q.onnx")) == 127
+
+
+def test_nbits8_lm_head_stays_exact_on_large_same_sign_values(tmp_path, adversarial):
+    """ONNX Runtime's INT8 decoder quantizes its lm_head to 8-bit MatMulNBits (full 8-bit blocks, int8 activations
+    at accuracy level 4): that kernel must not saturate on the CPU this runs on either."""
+    x, w = adversarial
+    float_matmul(tmp_path / "f.onnx", w)
+    quantize.dynamic_int8(tmp_path / "f.onnx", tmp_path / "q.onnx", head_block=128)
+    assert [n.op_type for n in onnx.load(str(tmp_path / "q.onnx")).graph.node] == ["MatMulNBits"]
+    # 8-bit blocks of 128 weights and int8 activations per block: well under 1% here, against ~40% when saturating
+    assert rel_err(run_ort(tmp_path / "q.onnx", x), x @ w) < 0.01
+
+
+@pytest.mark.parametrize("k", [256, 200])  # whole blocks, and a last block padded
+def test_nbits8_lm_head_is_what_onnxruntimes_quantizer_writes(tmp_path, k):
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    w = np.random.default_rng(1).standard_normal((k, N)).astype(np.float32)
+    float_matmul(tmp_path / "f.onnx", w)
+    quantize.dynamic_int8(tmp_path / "f.onnx", tmp_path / "ours.onnx", head_block=128)
+    config = DefaultWeightOnlyQuantConfig(block_size=128, is_symmetric=True, accuracy_level=4, bits=8)
+    theirs = MatMulNBitsQuantizer(onnx.load(str(tmp_path / "f.onnx")), algo_config=config)
+    theirs.process()
+    ours = onnx.load(str(tmp_path / "ours.onnx"))
+    (a,), (b,) = ours.graph.node, theirs.model.model.graph.node
+    assert (a.op_type, a.domain, list(a.input[:1]), list(a.output)) == (b.op_type, b.domain, list(b.input[:1]), list(b.output))
+    assert {x.name: helper.get_attribute_value(x) for x in a.attribute} == {x.name: helper.get_attribute_value(x) for x in b.attribute}
+    mine = {t.name: numpy_helper.to_array(t) for t in ours.graph.initializer}
+    for name in b.input[1:]:
+        expected = numpy_helper.to_array(next(t for t in theirs.model.model.graph.initializer if t.name == name))
+        np.testing.assert_array_equal(mine[name], expected)
