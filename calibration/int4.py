@@ -7,8 +7,9 @@ Two forms of the same round-to-nearest quantization:
   feeding a plain MatMul, which OpenVINO and TensorRT read.
 
 `lm_head`: "int4" quantizes it like the other weights; "int8" leaves it to ONNX Runtime's dynamic INT8
-(MatMulInteger, per-channel), because MatMulNBits at 8 bits has no fast CPU kernel (1 tok/s measured on the
-same-size decoder) and the vocabulary projection is where 4-bit rounding errors reach the logits directly.
+(MatMulInteger, per-channel): the vocabulary projection is where 4-bit rounding errors reach the logits directly.
+(Chosen when MatMulNBits at 8 bits had no fast CPU kernel: 1 tok/s on an older ONNX Runtime. 1.32 has one, which
+the INT8 decoder's lm_head uses, calibration/dynamic.py; not tried here.)
 """
 
 from __future__ import annotations

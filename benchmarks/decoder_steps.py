@@ -1,0 +1,106 @@
+"""Paired per-step timing of ONNX Runtime's in-place decoder graphs, as the README's "The stacked decoder, measured"
+table was made: every graph loaded at once, the prompt read through the runtime's own session (chunked where the
+form reads in chunks), then rounds of decode steps stepped in turn, so a slow moment of the machine falls on every
+graph alike. Random prompt embeddings: speed does not depend on the values.
+
+Make the graphs (both forms, INT4 and INT8, as builds quantize them) from a checkpoint, then time them:
+
+    python benchmarks/decoder_steps.py build --model random:internvl2_5-1b --out decoders
+    python benchmarks/decoder_steps.py time --bundle bundles/1b-int4 decoders/gqa-int4.onnx decoders/stacked-int4.onnx \\
+        --contexts 150,367,1903
+
+`--bundle` is any bundle of the same model (for the decoder's dimensions); a file's form is the part of its name
+before the first "-".
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def build(model: str, out: Path) -> None:
+    from vl_export.calibration import int4
+    from vl_export.export.bundle import load_checkpoint
+    from vl_export.export.decoder_variants import INT4_BLOCK_SIZE, ort_dynamic_int8
+    from vl_export.export.graphs_gqa import FORMS, build_gqa_decoder
+
+    out.mkdir(parents=True, exist_ok=True)
+    ck = load_checkpoint(model, print, stored_dtype=True)
+    for form in FORMS:
+        build_gqa_decoder(ck.model, ck.spec, out / f"{form}-int8.onnx", ort_dynamic_int8().make, form)
+        fp32 = out / f"{form}-fp32.onnx"
+        build_gqa_decoder(ck.model, ck.spec, fp32, form=form)
+        int4.matmul_nbits(fp32, out / f"{form}-int4.onnx", block_size=INT4_BLOCK_SIZE, lm_head="int4")
+        for path in out.glob(f"{fp32.name}*"):
+            path.unlink()
+        print(f"built {form}", flush=True)
+
+
+def timed(bundle: Path, files: list[Path], contexts: list[int], rounds: int, steps: int, threads: int) -> None:
+    from vl_export.export.graphs_inplace import inplace_io
+    from vl_export.manifest import GraphEntry, Manifest
+    from vl_export.runtime.backends.ort import OrtBackend
+
+    spec = Manifest.load(bundle).model
+    inputs, outputs = inplace_io(spec, "fp32")
+    backend = OrtBackend(threads=threads, spin="decoder")
+    decoders = {
+        f.name: backend.open_decoder(f.parent, GraphEntry(role="decoder", file=f.name, precision="fp32", inputs=inputs,
+                                                          outputs=outputs, form=f.name.split("-")[0],
+                                                          backends=("onnxruntime",)))
+        for f in files
+    }
+    hidden = spec.text.hidden_size
+    rng = np.random.default_rng(0)
+    for context in contexts:
+        prompt = (rng.standard_normal((1, context, hidden)) * 0.02).astype(np.float32)
+        prefill = {name: [] for name in decoders}
+        for _ in range(2):
+            for name, d in decoders.items():
+                d.reset(1, context + rounds * steps + 1)
+                start = time.perf_counter()
+                d.forward(prompt, np.ones((1, context), np.int64), np.arange(context)[None], np.array([[context - 1]]))
+                prefill[name].append(time.perf_counter() - start)
+        step = (rng.standard_normal((1, 1, hidden)) * 0.02).astype(np.float32)
+        per_round = {name: [] for name in decoders}
+        for _ in range(rounds):
+            for name, d in decoders.items():
+                times = []
+                for _ in range(steps):
+                    total = d.past_len + 1
+                    start = time.perf_counter()
+                    d.forward(step, np.ones((1, total), np.int64), np.array([[total - 1]]), np.zeros((1, 1), np.int64))
+                    times.append(time.perf_counter() - start)
+                per_round[name].append(float(np.median(times)) * 1e3)
+        for name in decoders:
+            rounds_ms = " ".join(f"{ms:.1f}" for ms in per_round[name])
+            print(f"after {context} tokens: {name}: {np.median(per_round[name]):.2f} ms a step (rounds {rounds_ms}), "
+                  f"prefill {min(prefill[name]):.2f} s", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build")
+    b.add_argument("--model", required=True)
+    b.add_argument("--out", type=Path, required=True)
+    t = sub.add_parser("time")
+    t.add_argument("--bundle", type=Path, required=True)
+    t.add_argument("files", type=Path, nargs="+")
+    t.add_argument("--contexts", default="150,367,1903")
+    t.add_argument("--rounds", type=int, default=4)
+    t.add_argument("--steps", type=int, default=32)
+    t.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    if args.command == "build":
+        build(args.model, args.out)
+    else:
+        timed(args.bundle, args.files, [int(c) for c in args.contexts.split(",")], args.rounds, args.steps, args.threads)
+
+
+if __name__ == "__main__":
+    main()
