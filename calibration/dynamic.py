@@ -106,6 +106,40 @@ def dynamic_int8_model(model: onnx.ModelProto, read: Callable[[TensorProto], np.
     return count
 
 
+def matmul_nbits8_model(model: onnx.ModelProto, read: Callable[[TensorProto], np.ndarray], dst: Path,
+                        block: int = HEAD_BLOCK) -> int:
+    """Every MatMul on a 2-D fp32 weight as 8-bit MatMulNBits (`nbits8_head`'s form), written weight by weight as
+    `dynamic_int8_model` writes. Returns the number of MatMuls quantized."""
+    from .quantize import WeightFile, load_the_rest, streamed
+
+    graph = model.graph
+    weights = {t.name: t for t in graph.initializer}
+    written = WeightFile(dst, streamed(model))
+    new_nodes, count = [], 0
+    for node in graph.node:
+        tensor = weights.get(node.input[1]) if node.op_type == "MatMul" and not node.domain else None
+        if tensor is None or len(tensor.dims) != 2 or tensor.data_type != TensorProto.FLOAT:
+            new_nodes.append(node)
+            continue
+        new_nodes.append(nbits8_head(node, tensor, read, graph, written, block))
+        count += 1
+    graph.ClearField("node")
+    graph.node.extend(new_nodes)
+    kept = [t for t in graph.initializer if t.name in {i for n in graph.node for i in n.input}]
+    graph.ClearField("initializer")
+    graph.initializer.extend(kept)
+    load_the_rest(model, read, written)
+    written.save(model)
+    return count
+
+
+def matmul_nbits8(src: Path, dst: Path, block: int = HEAD_BLOCK) -> int:
+    """`matmul_nbits8_model` of a decoder file."""
+    from .quantize import weights_of
+
+    return matmul_nbits8_model(onnx.load(str(src), load_external_data=False), weights_of(src), dst, block)
+
+
 def nbits8_head(node: onnx.NodeProto, tensor: onnx.TensorProto, read, graph: onnx.GraphProto, written,
                 block: int) -> onnx.NodeProto:
     """`node` (x @ W, W (K, N) fp32) as ONNX Runtime's MatMulNBits with 8-bit symmetric blocks of `block` weights

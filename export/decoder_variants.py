@@ -31,6 +31,8 @@ INPLACE = "decoder (in-place cache)"  # the step name of the in-place fp32 sourc
 ORT_DECODER_FORM = "stacked"  # graphs_gqa.FORMS: the form of ONNX Runtime's decoder variants
 INPLACE_FILE = "decoder.inplace-fp32.onnx"  # staged only during the build
 ORT_INT8_RECIPE = "dynamic-int8-w7-lm-head-nbits8-block128"  # the manifest recipe of ort_dynamic_int8's decoder
+ORT_INT8_NBITS_RECIPE = "matmul-nbits-int8-block128-level4"  # and of ort_dynamic_int8("matmul-nbits")'s
+ORT_INT8_DECODERS = ("dynamic", "matmul-nbits")  # build --ort-int8-decoder
 INT4_BLOCK_SIZE = 32
 INT4_ACCURACY_LEVEL = 4
 INT4_SYMMETRIC = True
@@ -59,20 +61,26 @@ def weight_only_int8() -> Quantized:
     return Quantized("decoder.int8.onnx", "weight-only-int8", weight_only_int8_model)
 
 
-def ort_dynamic_int8() -> Quantized:
-    """ONNX Runtime's INT8 decoder, from the in-place decoder (graphs_gqa.py): dynamic INT8, lm_head 8-bit
-    MatMulNBits (calibration/dynamic.py's HEAD_BLOCK)."""
-    from vl_export.calibration.dynamic import HEAD_BLOCK, dynamic_int8_model
+def ort_dynamic_int8(kind: str = "dynamic") -> Quantized:
+    """ONNX Runtime's INT8 decoder, from the in-place decoder (graphs_gqa.py). `kind` (ORT_INT8_DECODERS): "dynamic",
+    dynamic INT8 with the lm_head 8-bit MatMulNBits (calibration/dynamic.py's HEAD_BLOCK); "matmul-nbits", every
+    weight 8-bit MatMulNBits (faster decode, slower prefill: README "The stacked decoder, measured")."""
+    from vl_export.calibration.dynamic import HEAD_BLOCK, dynamic_int8_model, matmul_nbits8_model
 
+    if kind == "matmul-nbits":
+        return Quantized("decoder.ort-int8.onnx", ORT_INT8_NBITS_RECIPE, matmul_nbits8_model, ("onnxruntime",))
     return Quantized("decoder.ort-int8.onnx", ORT_INT8_RECIPE, partial(dynamic_int8_model, head_block=HEAD_BLOCK),
                      ("onnxruntime",))
 
 
-def ort_int8_from_file(src: Path, dst: Path) -> None:
-    """ort_dynamic_int8 from an fp32 decoder file (builds whose decoder recipe calibrates on that file)."""
-    from vl_export.calibration.dynamic import HEAD_BLOCK, dynamic_int8
+def ort_int8_from_file(kind: str = "dynamic") -> tuple[str, Callable[[Path, Path], object]]:
+    """(recipe, make) of ort_dynamic_int8(kind) from an fp32 decoder file (builds whose decoder recipe calibrates on
+    that file)."""
+    from vl_export.calibration.dynamic import HEAD_BLOCK, dynamic_int8, matmul_nbits8
 
-    dynamic_int8(src, dst, HEAD_BLOCK)
+    if kind == "matmul-nbits":
+        return ORT_INT8_NBITS_RECIPE, matmul_nbits8
+    return ORT_INT8_RECIPE, partial(dynamic_int8, head_block=HEAD_BLOCK)
 
 
 def check_int4(config) -> None:

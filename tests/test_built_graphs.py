@@ -119,7 +119,7 @@ def test_decoders_quantized_as_they_are_built_are_the_quantizers_files(members, 
     _same_file_content(tmp_path / "from-file.int8.onnx", tmp_path / entry.file)
 
     build_gqa_decoder(ck.model, ck.spec, tmp_path / "gqa.onnx", form="stacked")
-    ort_int8_from_file(tmp_path / "gqa.onnx", tmp_path / "gqa-from-file.int8.onnx")
+    ort_int8_from_file()[1](tmp_path / "gqa.onnx", tmp_path / "gqa-from-file.int8.onnx")
     made = ort_dynamic_int8()
     entry = made.entry(build_gqa_decoder(ck.model, ck.spec, tmp_path / made.file, made.make, "stacked"))
     assert (entry.precision, entry.recipe, entry.backends, entry.form) == (

@@ -77,6 +77,8 @@ def demo_bundles(tmp_path_factory):
         assert main(["build", "--model", "demo", "--out", str(root / precision), "--precision", precision]) == 0
     assert main(["build", "--model", "demo", "--out", str(root / "int4-head8"), "--precision", "int4",
                  "--int4-lm-head", "int8"]) == 0
+    assert main(["build", "--model", "demo", "--out", str(root / "int8-nbits"), "--precision", "int8",
+                 "--ort-int8-decoder", "matmul-nbits"]) == 0
     return root
 
 
@@ -108,11 +110,11 @@ def test_int4_bundle_stays_within_two_points_of_fp32_on_both_backends(demo_bundl
 
 
 def ort_decoder_ops(bundle) -> tuple[str, list[str], list[str]]:
-    """The ONNX Runtime INT4 decoder's recipe, op types, and the MatMuls that still take a float weight."""
+    """The ONNX Runtime decoder's recipe, op types, and the MatMuls that still take a float weight."""
     import onnx
 
     manifest = json.loads((bundle / "manifest.json").read_text())
-    entry = next(g for g in manifest["graphs"] if g["file"] == "decoder.ort-int4.onnx")
+    entry = next(g for g in manifest["graphs"] if g["role"] == "decoder" and g.get("backends") == ["onnxruntime"])
     graph = onnx.load(str(bundle / entry["file"]), load_external_data=False).graph
     weights = {t.name for t in graph.initializer}
     float_weights = [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights]
@@ -130,6 +132,22 @@ def test_int4_lm_head_is_4_bit_by_default_and_8_bit_on_request(demo_bundles):
     int4 = evaluate(BundleAnswerer(demo_bundles / "int4-head8"), examples, max_new_tokens=4)
     print(f"demo model, int4 with an 8-bit lm_head: {int4.accuracy:.1%} vs fp32 {fp32.accuracy:.1%}")
     assert int4.accuracy >= fp32.accuracy - 0.02, f"int4 (8-bit lm_head) {int4.accuracy:.1%} vs fp32 {fp32.accuracy:.1%}"
+
+
+def test_int8_decoders_for_onnxruntime_dynamic_by_default_all_8_bit_matmul_nbits_on_request(demo_bundles):
+    """Default: dynamic INT8 with the lm_head as 8-bit MatMulNBits; `--ort-int8-decoder matmul-nbits`: every weight
+    8-bit MatMulNBits, within 2 points of fp32 on the test seeds too."""
+    recipe, ops, float_weights = ort_decoder_ops(demo_bundles / "int8")
+    assert recipe == "dynamic-int8-w7-lm-head-nbits8-block128" and ops.count("MatMulNBits") == 1 and not float_weights
+    recipe, ops, float_weights = ort_decoder_ops(demo_bundles / "int8-nbits")
+    assert recipe == "matmul-nbits-int8-block128-level4" and "MatMulInteger" not in ops and not float_weights
+    layers = json.loads((demo_bundles / "int8-nbits" / "manifest.json").read_text())["model"]["text"]["num_layers"]
+    assert ops.count("MatMulNBits") == 5 * layers + 1
+    examples = data.heldout(PARITY_N, start=TEST_START)
+    fp32 = evaluate(BundleAnswerer(demo_bundles / "fp32"), examples, max_new_tokens=4)
+    nbits = evaluate(BundleAnswerer(demo_bundles / "int8-nbits"), examples, max_new_tokens=4)
+    print(f"demo model, int8 all MatMulNBits: {nbits.accuracy:.1%} vs fp32 {fp32.accuracy:.1%}")
+    assert nbits.accuracy >= fp32.accuracy - 0.02, f"int8 matmul-nbits {nbits.accuracy:.1%} vs fp32 {fp32.accuracy:.1%}"
 
 
 def quick_start_commands() -> list[str]:

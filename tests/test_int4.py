@@ -131,4 +131,9 @@ def test_int4_build_refuses_what_it_does_not_make():
             BuildConfig(precision="int8", int4_lm_head=head)
     with pytest.raises(InputError, match="--int4-lm-head 'int2'"):
         BuildConfig(precision="int4", int4_lm_head="int2")
+    for precision, backend in (("int4", "ort"), ("int8", "trt"), ("fp32", "ort")):
+        with pytest.raises(InputError, match="--ort-int8-decoder applies to --precision int8 --backend ort"):
+            BuildConfig(precision=precision, backend=backend, ort_int8_decoder="matmul-nbits")
+    with pytest.raises(InputError, match="--ort-int8-decoder 'int4'"):
+        BuildConfig(precision="int8", ort_int8_decoder="int4")
     assert BuildConfig(precision="int4").precision == "int4"
