@@ -1,5 +1,8 @@
-"""The decoder for ONNX Runtime built from the weights with its fused contrib operators: GroupQueryAttention on an
-in-place KV cache (packed q|k|v, rotary inside), SimplifiedLayerNormalization / SkipSimplifiedLayerNormalization.
+"""The decoder for ONNX Runtime built from the weights with its fused contrib operators, in two forms (FORMS) that
+differ in attention only: "gqa", GroupQueryAttention on an in-place KV cache (packed q|k|v, rotary inside); "stacked"
+(what builds ship), MultiHeadAttention over each KV head's stacked query group with ScatterND cache writes
+(_StackedAttention says why); both with SimplifiedLayerNormalization / SkipSimplifiedLayerNormalization. What follows
+describes the gqa form; the stacked one has the same IO, writes any slots and attends over the whole capacity.
 
 Same inputs, outputs and meaning as the in-place decoder (graphs_inplace.py), so one runtime session drives both:
 inputs_embeds (b, s, H), attention_mask (b, capacity) int64 1/0, position_ids (b, s), logits_positions (b, k),
