@@ -44,7 +44,7 @@ def quantize_columns(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def dynamic_int8(src: Path, dst: Path, head_block: int | None = None) -> int:
     """Write `src` with every MatMul on a 2-D fp32 weight in ONNX Runtime's dynamic INT8 form to `dst` (with
-    `head_block`, a decoder's lm_head as 8-bit MatMulNBits with blocks of that size instead: `nbits8_head`).
+    `head_block`, a decoder's lm_head as 8-bit MatMulNBits with blocks of that size instead: `nbits8_matmul`).
     Returns the number of MatMuls quantized."""
     from .quantize import weights_of
 
@@ -55,45 +55,65 @@ def dynamic_int8_model(model: onnx.ModelProto, read: Callable[[TensorProto], np.
                        head_block: int | None = None) -> int:
     """`dynamic_int8` of a graph whose weights `read` gives one at a time (see quantize.weight_only_int8_model)."""
     from .int4 import lm_head_node
-    from .quantize import WeightFile, load_the_rest, streamed
 
     graph = model.graph
-    weights = {t.name: t for t in graph.initializer}
-    written = WeightFile(dst, streamed(model))
     head = lm_head_node(model) if head_block else None
     quantized: dict[str, tuple[str, str, str]] = {}  # weight -> (int8, scale, zero point) names
     activations: dict[str, tuple[str, str, str]] = {}  # input -> DynamicQuantizeLinear outputs
-    new_nodes, count = [], 0
-    for node in graph.node:
-        w_name = node.input[1] if node.op_type == "MatMul" and not node.domain else None
-        tensor = weights.get(w_name) if w_name else None
-        if tensor is None or len(tensor.dims) != 2 or tensor.data_type != TensorProto.FLOAT:  # A is fp32 too
-            new_nodes.append(node)
-            continue
+
+    def rewrite(node: onnx.NodeProto, tensor: onnx.TensorProto, written) -> list[onnx.NodeProto]:
         if node.name == head:
-            new_nodes.append(nbits8_head(node, tensor, read, graph, written, head_block))
-            count += 1
-            continue
+            return [nbits8_matmul(node, tensor, read, graph, written, head_block)]
+        new_nodes = []
         x = node.input[0]
         if x not in activations:
             activations[x] = (x + "_quantized", x + "_scale", x + "_zero_point")
             new_nodes.append(helper.make_node("DynamicQuantizeLinear", [x], list(activations[x]),
                                               x + "_QuantizeLinear"))
-        if w_name not in quantized:
-            quantized[w_name] = _quantize_initializer(tensor, read, graph, written)
+        if tensor.name not in quantized:
+            quantized[tensor.name] = _quantize_initializer(tensor, read, graph, written)
         xq, x_scale, x_zp = activations[x]
-        wq, w_scale, w_zp = quantized[w_name]
+        wq, w_scale, w_zp = quantized[tensor.name]
         out = node.output[0]
         name = node.name + "_quant" if node.name else ""
         integer = out + "_output_quantized"
         scales = name + "_scales_mul" if name else x_scale + "_" + w_scale + "_mul"
-        new_nodes += [
+        return new_nodes + [
             helper.make_node("MatMulInteger", [xq, wq, x_zp, w_zp], [integer], name),
             helper.make_node("Cast", [integer], [integer + "_cast_output"], integer + "_cast", to=TensorProto.FLOAT),
             helper.make_node("Mul", [x_scale, w_scale], [scales + ":0"], scales),
             helper.make_node("Mul", [integer + "_cast_output", scales + ":0"], [out],
                              name + "_output_scale_mul" if name else ""),
         ]
+
+    return _rewrite_weight_matmuls(model, read, dst, rewrite)
+
+
+def matmul_nbits8_model(model: onnx.ModelProto, read: Callable[[TensorProto], np.ndarray], dst: Path,
+                        block: int = HEAD_BLOCK) -> int:
+    """Every MatMul on a 2-D fp32 weight as 8-bit MatMulNBits (`nbits8_matmul`), written weight by weight as
+    `dynamic_int8_model` writes. Returns the number of MatMuls quantized."""
+    return _rewrite_weight_matmuls(model, read, dst, lambda node, tensor, written: [
+        nbits8_matmul(node, tensor, read, model.graph, written, block)])
+
+
+def _rewrite_weight_matmuls(model: onnx.ModelProto, read: Callable[[TensorProto], np.ndarray], dst: Path,
+                            rewrite: Callable) -> int:
+    """Replace every MatMul on a 2-D fp32 weight (A fp32 too) by `rewrite(node, tensor, written)`'s nodes, drop the
+    initializers nothing reads any more, bring in what stayed float and write the graph to `dst` (large weights
+    streamed to its external data as they are made). Returns the number of MatMuls replaced."""
+    from .quantize import WeightFile, load_the_rest, streamed
+
+    graph = model.graph
+    weights = {t.name: t for t in graph.initializer}
+    written = WeightFile(dst, streamed(model))
+    new_nodes, count = [], 0
+    for node in graph.node:
+        tensor = weights.get(node.input[1]) if node.op_type == "MatMul" and not node.domain else None
+        if tensor is None or len(tensor.dims) != 2 or tensor.data_type != TensorProto.FLOAT:
+            new_nodes.append(node)
+            continue
+        new_nodes += rewrite(node, tensor, written)
         count += 1
     graph.ClearField("node")
     graph.node.extend(new_nodes)
@@ -106,42 +126,8 @@ def dynamic_int8_model(model: onnx.ModelProto, read: Callable[[TensorProto], np.
     return count
 
 
-def matmul_nbits8_model(model: onnx.ModelProto, read: Callable[[TensorProto], np.ndarray], dst: Path,
-                        block: int = HEAD_BLOCK) -> int:
-    """Every MatMul on a 2-D fp32 weight as 8-bit MatMulNBits (`nbits8_head`'s form), written weight by weight as
-    `dynamic_int8_model` writes. Returns the number of MatMuls quantized."""
-    from .quantize import WeightFile, load_the_rest, streamed
-
-    graph = model.graph
-    weights = {t.name: t for t in graph.initializer}
-    written = WeightFile(dst, streamed(model))
-    new_nodes, count = [], 0
-    for node in graph.node:
-        tensor = weights.get(node.input[1]) if node.op_type == "MatMul" and not node.domain else None
-        if tensor is None or len(tensor.dims) != 2 or tensor.data_type != TensorProto.FLOAT:
-            new_nodes.append(node)
-            continue
-        new_nodes.append(nbits8_head(node, tensor, read, graph, written, block))
-        count += 1
-    graph.ClearField("node")
-    graph.node.extend(new_nodes)
-    kept = [t for t in graph.initializer if t.name in {i for n in graph.node for i in n.input}]
-    graph.ClearField("initializer")
-    graph.initializer.extend(kept)
-    load_the_rest(model, read, written)
-    written.save(model)
-    return count
-
-
-def matmul_nbits8(src: Path, dst: Path, block: int = HEAD_BLOCK) -> int:
-    """`matmul_nbits8_model` of a decoder file."""
-    from .quantize import weights_of
-
-    return matmul_nbits8_model(onnx.load(str(src), load_external_data=False), weights_of(src), dst, block)
-
-
-def nbits8_head(node: onnx.NodeProto, tensor: onnx.TensorProto, read, graph: onnx.GraphProto, written,
-                block: int) -> onnx.NodeProto:
+def nbits8_matmul(node: onnx.NodeProto, tensor: onnx.TensorProto, read, graph: onnx.GraphProto, written,
+                  block: int) -> onnx.NodeProto:
     """`node` (x @ W, W (K, N) fp32) as ONNX Runtime's MatMulNBits with 8-bit symmetric blocks of `block` weights
     along K, made by ONNX Runtime's own blockwise quantizer (what MatMulNBitsQuantizer writes for bits=8, without
     loading the graph). Its fp32 initializer is emptied, as `_quantize_initializer` does."""

@@ -210,7 +210,7 @@ def dynamic_int8(src: Path, dst: Path, head_block: int | None = None) -> None:
     (255 * 64 * 2 < 32768), and cost one bit of weight precision on the CPUs that would not have saturated; a bundle
     does not know which CPU it will run on. (ORT's quantization guide gives the same advice.)
 
-    `head_block`: a decoder's lm_head as 8-bit MatMulNBits instead (`dynamic.nbits8_head`).
+    `head_block`: a decoder's lm_head as 8-bit MatMulNBits instead (`dynamic.nbits8_matmul`).
     """
     from .dynamic import dynamic_int8 as streamed
 
@@ -251,6 +251,13 @@ def weights_of(src: Path) -> Callable[[onnx.TensorProto], np.ndarray]:
         return array.reshape(tuple(tensor.dims))
 
     return read
+
+
+def of_file(make: Callable[[onnx.ModelProto, Callable[[onnx.TensorProto], np.ndarray], Path], object]
+            ) -> Callable[[Path, Path], object]:
+    """A quantizer of a graph whose weights it reads one at a time (`*_model`) as one of files: `src`'s graph, its
+    weights read from its external data."""
+    return lambda src, dst: make(onnx.load(str(src), load_external_data=False), weights_of(src), dst)
 
 
 def load_the_rest(model: onnx.ModelProto, read: Callable[[onnx.TensorProto], np.ndarray], written: WeightFile) -> None:

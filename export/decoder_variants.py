@@ -76,11 +76,10 @@ def ort_dynamic_int8(kind: str = "dynamic") -> Quantized:
 def ort_int8_from_file(kind: str = "dynamic") -> tuple[str, Callable[[Path, Path], object]]:
     """(recipe, make) of ort_dynamic_int8(kind) from an fp32 decoder file (builds whose decoder recipe calibrates on
     that file)."""
-    from vl_export.calibration.dynamic import HEAD_BLOCK, dynamic_int8, matmul_nbits8
+    from vl_export.calibration.quantize import of_file
 
-    if kind == "matmul-nbits":
-        return ORT_INT8_NBITS_RECIPE, matmul_nbits8
-    return ORT_INT8_RECIPE, partial(dynamic_int8, head_block=HEAD_BLOCK)
+    made = ort_dynamic_int8(kind)
+    return made.recipe, of_file(made.make)
 
 
 def check_int4(config) -> None:

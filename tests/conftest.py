@@ -56,7 +56,7 @@ def internlm2_stacked_bundles(internlm2_gqa_bundles):
     """The InternLM2 tiny model's fp32 bundle, and that bundle with the stacked-group decoder."""
     from tiny_models import add_gqa_decoder
 
-    fp32, gqa = internlm2_gqa_bundles
+    fp32 = internlm2_gqa_bundles[0]
     root = fp32.parent
     return fp32, add_gqa_decoder(root / "original", fp32, root / "stacked", "stacked")
 

@@ -1,5 +1,5 @@
 """ONNX Runtime sessions (CPU) for the in-place decoder graphs (export/graphs_inplace.py, and export/graphs_gqa.py's
-GroupQueryAttention form, which has the same IO): one (b, kv_heads, capacity, d) host buffer per KV tensor,
+GroupQueryAttention and stacked forms, which have the same IO): one (b, kv_heads, capacity, d) host buffer per KV tensor,
 bound as both `past_key_values.*` and `present.*`, so a step writes only its new positions (ScatterElements and ScatterND skip their
 copy when input and output are the same memory) and nothing is swapped, allocated or copied per step.
 
@@ -137,7 +137,7 @@ class OrtGqaDecoder(OrtInplaceDecoder):
 
 class OrtStackedDecoder(OrtInplaceDecoder):
     """The stacked-query-group decoder (export/graphs_gqa.py, form "stacked"): the in-place decoder's IO and buffers
-    (ScatterElements writes any slot), attention over the whole view. So the view grows by GROW_POSITIONS at a time
+    (ScatterND writes any slot), attention over the whole view. So the view grows by GROW_POSITIONS at a time
     instead of doubling: after a 1,900-token prompt a doubled view would make every step read twice the positions it
     uses, while a copy of the kept cache every GROW_POSITIONS steps costs about what one step reads. Its graph is
     checked against the manifest when the session opens, as the GQA graph's."""
