@@ -145,11 +145,16 @@ def nbits8_matmul(node: onnx.NodeProto, tensor: onnx.TensorProto, read, graph: o
     del w
     names = (tensor.name + "_Q8", tensor.name + "_scales")
     graph.initializer.extend([written.tensor(packed, names[0]), numpy_helper.from_array(scales, names[1])])
+    empty(tensor)
+    return helper.make_node("MatMulNBits", [node.input[0], *names], list(node.output), node.name + "_Q8", domain="com.microsoft",
+                            K=k, N=n, bits=8, block_size=block, accuracy_level=HEAD_ACCURACY_LEVEL)
+
+
+def empty(tensor: onnx.TensorProto) -> None:
+    """Drop a quantized weight's fp32 values (the initializer itself goes once nothing reads it)."""
     tensor.ClearField("external_data")
     tensor.ClearField("raw_data")
     tensor.data_location = TensorProto.DEFAULT
-    return helper.make_node("MatMulNBits", [node.input[0], *names], list(node.output), node.name + "_Q8", domain="com.microsoft",
-                            K=k, N=n, bits=8, block_size=block, accuracy_level=HEAD_ACCURACY_LEVEL)
 
 
 def _quantize_initializer(tensor: onnx.TensorProto, read, graph: onnx.GraphProto, written) -> tuple[str, str, str]:
@@ -162,8 +167,6 @@ def _quantize_initializer(tensor: onnx.TensorProto, read, graph: onnx.GraphProto
     names = (name + "_quantized", name + "_scale", name + "_zero_point")
     graph.initializer.extend([written.tensor(q, names[0]), numpy_helper.from_array(scale, names[1]),
                               numpy_helper.from_array(np.zeros(scale.shape, np.int8), names[2])])
-    tensor.ClearField("external_data")
-    tensor.ClearField("raw_data")
-    tensor.data_location = TensorProto.DEFAULT
+    empty(tensor)
     return names
 

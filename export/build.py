@@ -32,6 +32,7 @@ class BuildConfig:
     calib_tiles: int | None = DEFAULT_MAX_TILES  # at most this many calibration tiles; None: all of them
     decoder_recipe: str = "weight-only"
     int4_lm_head: str | None = None  # ONNX Runtime's INT4 decoder: lm_head "int4" (None: the default) or "int8"
+    int4_block: int | None = None  # INT4 decoders' block along K (None: decoder_variants.INT4_BLOCK_SIZE)
     ort_int8_decoder: str = "dynamic"  # ONNX Runtime's INT8 decoder (decoder_variants.ORT_INT8_DECODERS)
     verify: bool = True
     verify_tokens: int = 16
@@ -50,8 +51,9 @@ class BuildConfig:
 
         if self.calib_method not in METHODS:
             raise InputError(f"unknown calibration method {self.calib_method!r} (choose from {', '.join(METHODS)})")
-        if self.int4_lm_head is not None and self.precision != "int4":
-            raise InputError(f"--int4-lm-head applies to --precision int4, not {self.precision}")
+        for flag, value in (("--int4-lm-head", self.int4_lm_head), ("--int4-block", self.int4_block)):
+            if value is not None and self.precision != "int4":
+                raise InputError(f"{flag} applies to --precision int4, not {self.precision}")
         from .decoder_variants import ORT_INT8_DECODERS
 
         if self.ort_int8_decoder not in ORT_INT8_DECODERS:
@@ -221,7 +223,7 @@ def quantize_bundle(staging: Path, manifest: Manifest, source_sha: str, data, co
     if config.precision == "int4":
         from .decoder_variants import int4_steps
 
-        other_steps += int4_steps(inplace, config.int4_lm_head)
+        other_steps += int4_steps(inplace, config.int4_lm_head, config.int4_block)
     elif config.decoder_recipe == "weight-only":
         if "decoder" in fp32:
             other_steps.append(("decoder", "decoder.int8.onnx", "weight-only-int8", None, quantize.weight_only_int8))

@@ -8,11 +8,11 @@ because it decodes faster after an image prompt: 7-9% per step after 1,903 posit
 slower after 150, its chunked prefill within 4% (README, "The stacked decoder"). The GroupQueryAttention form had
 replaced the torch-exported in-place decoder (graphs_inplace.py) for being faster per step at both precisions.
 The portable decoders (weight-only INT8 or blocked INT4 Q/DQ, for OpenVINO and TensorRT) keep today's
-concatenating graph. The INT4 settings below were chosen by measurement (README, "INT4"): block 32 is the most
-accurate of 32/64/128 at a decode speed within the noise of the others, symmetric, accuracy level 4 (int8 compute)
-is the fastest level here, and lm_head is 4-bit: +26% decode against the 8-bit head on the same-size 1B with the
-demo model's task accuracy unchanged (`--int4-lm-head int8` keeps it 8-bit, for logits closer to fp32; README
-"INT4").
+concatenating graph. The INT4 settings below were chosen by measurement (README, "INT4 blocks of 128"): blocks of
+128 with clip-searched scales (calibration/int4.py) decode a third faster per step than blocks of 32 (MatMulNBits
+reads 4.25 instead of 5 bits a weight and does a quarter of the per-block work) at the demo model's task accuracy,
+symmetric, accuracy level 4 (int8 compute) is the fastest level here, and lm_head is 4-bit (`--int4-lm-head int8`
+keeps it 8-bit, for logits closer to fp32; `--int4-block 32` for blocks of 32).
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ INPLACE_FILE = "decoder.inplace-fp32.onnx"  # staged only during the build
 ORT_INT8_RECIPE = "dynamic-int8-w7-lm-head-nbits8-block128"  # the manifest recipe of ort_dynamic_int8's decoder
 ORT_INT8_NBITS_RECIPE = "matmul-nbits-int8-block128-level4"  # and of ort_dynamic_int8("matmul-nbits")'s
 ORT_INT8_DECODERS = ("dynamic", "matmul-nbits")  # build --ort-int8-decoder
-INT4_BLOCK_SIZE = 32
+INT4_BLOCK_SIZE = 128
 INT4_ACCURACY_LEVEL = 4
-INT4_SYMMETRIC = True
+INT4_SCALE_SEARCH = True  # calibration/int4.py's clip search of each block's scale
 INT4_LM_HEAD = "int4"
 
 
@@ -86,10 +86,12 @@ def check_int4(config) -> None:
     if config.backend == "tensorrt":
         raise InputError("--precision int4 is not built for TensorRT: its blocked INT4 Q/DQ decoder was not checked "
                          "on a GPU here (build --backend ort and use the decoder with OpenVINO or ONNX Runtime)")
-    from vl_export.calibration.int4 import LM_HEAD_BITS
+    from vl_export.calibration.int4 import BLOCK_SIZES, LM_HEAD_BITS
 
     if config.int4_lm_head not in (None, *LM_HEAD_BITS):
         raise InputError(f"--int4-lm-head {config.int4_lm_head!r} is not one of {', '.join(LM_HEAD_BITS)}")
+    if config.int4_block not in (None, *BLOCK_SIZES):
+        raise InputError(f"--int4-block {config.int4_block!r} is not one of {', '.join(map(str, BLOCK_SIZES))}")
     if config.decoder_recipe != "weight-only":
         raise InputError(f"--decoder-recipe {config.decoder_recipe} is an INT8 recipe; int4 decoders are weight-only")
 
@@ -114,17 +116,18 @@ def export_inplace_source(ck, staging: Path, backend: str, progress: Progress,
                                                              quantized.make, form)), staging)
 
 
-def int4_steps(inplace: GraphEntry | None, lm_head: str | None = None) -> list[tuple]:
+def int4_steps(inplace: GraphEntry | None, lm_head: str | None = None, block: int | None = None) -> list[tuple]:
     """quantize_bundle steps (source, file, recipe, backends, make) for an INT4 decoder."""
     from vl_export.calibration import int4
 
     lm_head = lm_head or INT4_LM_HEAD
-    b = INT4_BLOCK_SIZE
-    steps = [("decoder", "decoder.int4.onnx", f"weight-only-int4-block{b}", None,
-              partial(int4.blocked_qdq, block_size=b, symmetric=INT4_SYMMETRIC))]
+    b, search = block or INT4_BLOCK_SIZE, INT4_SCALE_SEARCH
+    scales = "-mse" if search else ""
+    steps = [("decoder", "decoder.int4.onnx", f"weight-only-int4-block{b}{scales}", None,
+              partial(int4.blocked_qdq, block_size=b, search=search))]
     if inplace is not None:
         steps.append((INPLACE, "decoder.ort-int4.onnx",
-                      f"matmul-nbits-int4-block{b}-level{INT4_ACCURACY_LEVEL}-lm-head-{lm_head}", ("onnxruntime",),
-                      partial(int4.matmul_nbits, block_size=b, accuracy_level=INT4_ACCURACY_LEVEL,
-                              symmetric=INT4_SYMMETRIC, lm_head=lm_head)))
+                      f"matmul-nbits-int4-block{b}{scales}-level{INT4_ACCURACY_LEVEL}-lm-head-{lm_head}",
+                      ("onnxruntime",), partial(int4.matmul_nbits, block_size=b, accuracy_level=INT4_ACCURACY_LEVEL,
+                                                search=search, lm_head=lm_head)))
     return steps

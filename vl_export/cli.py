@@ -124,7 +124,8 @@ def _build(args: argparse.Namespace) -> int:
     config = BuildConfig(precision=args.precision, backend=args.backend, calib_images=args.calib_images,
                          calib_prompts=args.calib_prompts, calib_method=args.calib_method, calib_tiles=args.calib_tiles,
                          decoder_recipe=args.decoder_recipe,
-                         int4_lm_head=args.int4_lm_head, ort_int8_decoder=args.ort_int8_decoder,
+                         int4_lm_head=args.int4_lm_head, int4_block=args.int4_block,
+                         ort_int8_decoder=args.ort_int8_decoder,
                          verify=not args.no_verify, trt=trt, overwrite=args.overwrite)
     build_bundle(args.model, Path(args.out), config)
     return 0
@@ -364,6 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="INT8 decoder: weight-only (default; activations have outliers), static W8A8, or W8A8 after SmoothQuant")
     p.add_argument("--int4-lm-head", choices=("int4", "int8"), default=None,
                    help="--precision int4, ONNX Runtime decoder: lm_head 4-bit (default, faster decode) or dynamic INT8 (closer logits)")
+    p.add_argument("--int4-block", type=int, choices=(32, 64, 128), default=None,
+                   help="--precision int4: weights per 4-bit block along K (default 128, the fastest; 32 for logits "
+                        "closer to fp32 at ~1.5x the decode time)")
     p.add_argument("--ort-int8-decoder", choices=("dynamic", "matmul-nbits"), default="dynamic",
                    help="--precision int8, ONNX Runtime decoder: dynamic INT8 with an 8-bit MatMulNBits lm_head "
                         "(default), or every weight 8-bit MatMulNBits (~10%% faster decode, ~50%% slower prompt, "
