@@ -6,6 +6,10 @@ own process by vl_export/bench.py): greedy decode after a prompt of the same len
 (N - 1) / (time of the last token - time of the first).
 
     python -m vl_export.export.genai_peer build --model random:internvl2_5-1b --out genai-int4
+    python -m vl_export.export.genai_peer build --model random:internvl2_5-1b --out genai-int4-b128 --block-size 128
+
+`--block-size` passes the builder's own `--extra_options block_size=N` (its default is 32; ours is 128, README "INT4
+blocks of 128"), so that the peer can be timed at our block size too.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from pathlib import Path
 from vl_export.errors import BackendUnavailableError, VlExportError
 
 
-def build(model: str, out: Path, precision: str = "int4") -> None:
+def build(model: str, out: Path, precision: str = "int4", block_size: int | None = None) -> None:
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -38,6 +42,8 @@ def build(model: str, out: Path, precision: str = "int4") -> None:
         del lm, ck
         cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(out),
                "-p", precision, "-e", "cpu", "-c", str(Path(tmp) / "cache")]
+        if block_size is not None:
+            cmd += ["--extra_options", f"block_size={block_size}"]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             raise VlExportError(f"onnxruntime-genai's builder failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
@@ -83,6 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("build")
     p.add_argument("--model", required=True)
     p.add_argument("--out", required=True)
+    p.add_argument("--block-size", type=int, choices=(16, 32, 64, 128, 256), default=None)
     p = sub.add_parser("bench")
     p.add_argument("--model-dir", required=True)
     p.add_argument("--prompt-tokens", type=int, default=67)
@@ -91,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
     if args.command == "build":
-        build(args.model, Path(args.out))
+        build(args.model, Path(args.out), block_size=args.block_size)
     else:
         print(json.dumps(bench(Path(args.model_dir), args.prompt_tokens, args.new_tokens, args.runs, args.threads)))
 
