@@ -10,7 +10,11 @@ Make the graphs (both forms, INT4 and INT8, as builds quantize them) from a chec
         --contexts 150,367,1903
 
 `--bundle` is any bundle of the same model (for the decoder's dimensions); a file's form is the part of its name
-before the first "-".
+before the first "-". A folder made by `python -m vl_export.export.genai_peer build` is stepped too, beside ours, as
+onnxruntime-genai runs its graph (past and present bound to one buffer, GroupQueryAttention), fed fixed token ids:
+
+    python benchmarks/decoder_steps.py time --bundle bundles/1b-int4 bundles/1b-int4/decoder.ort-int4.onnx genai-int4 \
+        --contexts 67,1903
 """
 
 from __future__ import annotations
@@ -40,6 +44,44 @@ def build(model: str, out: Path) -> None:
         print(f"built {form}", flush=True)
 
 
+class GenaiGraph:
+    """onnxruntime-genai's model.onnx stepped as its generator steps it: one (1, kv, capacity, d) buffer per KV tensor
+    bound as past and present, an attention mask of the length so far, token ids in (the embeddings given are only
+    counted: the graph embeds its own ids)."""
+
+    def __init__(self, folder: Path, threads: int):
+        import json
+
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        self.session = ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
+        decoder = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]
+        self.layers, self.kv_heads = decoder["num_hidden_layers"], decoder["num_key_value_heads"]
+        self.head_size = decoder["head_size"]
+        self.past_len = 0
+
+    def reset(self, batch: int, capacity: int) -> None:
+        self.binding = self.session.io_binding()
+        self.kv = [np.zeros((batch, self.kv_heads, capacity, self.head_size), np.float32)
+                   for _ in range(2 * self.layers)]
+        for i, buffer in enumerate(self.kv):
+            name = f"{i // 2}.{('key', 'value')[i % 2]}"
+            self.binding.bind_cpu_input(f"past_key_values.{name}", buffer)
+            self.binding.bind_output(f"present.{name}", "cpu", 0, np.float32, list(buffer.shape), buffer.ctypes.data)
+        self.past_len = 0
+
+    def forward(self, inputs_embeds, attention_mask, position_ids, logits_positions) -> None:
+        s = inputs_embeds.shape[1]
+        self.past_len += s
+        ids = (np.arange(s, dtype=np.int64)[None] * 7919) % 100_000  # as genai_peer.bench's fixed prompt
+        self.binding.bind_cpu_input("input_ids", ids)
+        self.binding.bind_cpu_input("attention_mask", np.ones((1, self.past_len), np.int64))
+        self.binding.bind_output("logits")
+        self.session.run_with_iobinding(self.binding)
+
+
 def timed(bundle: Path, files: list[Path], contexts: list[int], rounds: int, steps: int, threads: int) -> None:
     from vl_export.export.graphs_inplace import inplace_io
     from vl_export.manifest import GraphEntry, Manifest
@@ -48,11 +90,12 @@ def timed(bundle: Path, files: list[Path], contexts: list[int], rounds: int, ste
     spec = Manifest.load(bundle).model
     inputs, outputs = inplace_io(spec, "fp32")
     backend = OrtBackend(threads=threads, spin="decoder")
+    names = [f.name if [g.name for g in files].count(f.name) == 1 else f"{f.parent.name}/{f.name}" for f in files]
     decoders = {
-        f.name: backend.open_decoder(f.parent, GraphEntry(role="decoder", file=f.name, precision="fp32", inputs=inputs,
-                                                          outputs=outputs, form=f.name.split("-")[0],
-                                                          backends=("onnxruntime",)))
-        for f in files
+        name: GenaiGraph(f, threads) if f.is_dir() else
+        backend.open_decoder(f.parent, GraphEntry(role="decoder", file=f.name, precision="fp32", inputs=inputs,
+                                                  outputs=outputs, form=_form(f), backends=("onnxruntime",)))
+        for name, f in zip(names, files)
     }
     hidden = spec.text.hidden_size
     rng = np.random.default_rng(0)
@@ -80,6 +123,17 @@ def timed(bundle: Path, files: list[Path], contexts: list[int], rounds: int, ste
             rounds_ms = " ".join(f"{ms:.1f}" for ms in per_round[name])
             print(f"after {context} tokens: {name}: {np.median(per_round[name]):.2f} ms a step (rounds {rounds_ms}), "
                   f"prefill {min(prefill[name]):.2f} s", flush=True)
+
+
+def _form(f: Path) -> str:
+    """A graph's form: the bundle's manifest says it for a bundle's own decoder, else the name's first part."""
+    from vl_export.manifest import Manifest
+
+    if (f.parent / "manifest.json").exists():
+        entry = next((g for g in Manifest.load(f.parent).graphs if g.file == f.name), None)
+        if entry is not None and entry.form:
+            return entry.form
+    return f.name.split("-")[0]
 
 
 def main() -> None:
