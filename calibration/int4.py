@@ -13,8 +13,9 @@ block's scale chosen among SCALE_FACTORS of that one for the least squared error
 search as AWQ's and llama.cpp's quantizers make without calibration data. It costs nothing at run time and brings
 block 128 to about block 64's error (README, "INT4 blocks of 128").
 
-`lm_head`: "int4" quantizes it like the other weights; "int8" leaves it to ONNX Runtime's dynamic INT8
-(MatMulInteger, per-channel): the vocabulary projection is where 4-bit rounding errors reach the logits directly.
+`lm_head`: "int4" quantizes it like the other weights; "int8" makes it 8-bit MatMulNBits, as the INT8 decoder's
+head (calibration/dynamic.py): the vocabulary projection is where 4-bit rounding errors reach the logits directly.
+(It was dynamic INT8, MatMulInteger, until ONNX Runtime 1.32's fast 8-bit MatMulNBits kernel.)
 """
 
 from __future__ import annotations
@@ -116,11 +117,11 @@ def _int4_tensor(q: np.ndarray, written, name: str) -> TensorProto:
     return written.tensor(flat[0::2] | (flat[1::2] << 4), name, dims=(k, n), data_type=TensorProto.INT4)
 
 
-def _rewrite_4bit(src: Path, dst: Path, block_size: int, search: bool, exclude: set[str], make: Callable,
-                  opset: int = 0) -> int:
-    """Every weight MatMul of `src` but `exclude` as `make(graph, node, tensor, q, scales, block, written)`'s nodes,
-    weight by weight (dynamic._rewrite_weight_matmuls), the default domain's opset raised to at least `opset`.
-    Returns the number rewritten."""
+def _rewrite_4bit(src: Path, dst: Path, block_size: int, search: bool, make: Callable, special: dict | None = None,
+                  opset: int = 0) -> None:
+    """Every weight MatMul of `src` as `make(graph, node, tensor, q, scales, block, written)`'s nodes, weight by
+    weight (dynamic._rewrite_weight_matmuls); the nodes named in `special` as `special[name](graph, node, tensor,
+    read, written)`'s instead. The default domain's opset is raised to at least `opset`."""
     from .dynamic import _rewrite_weight_matmuls, empty
     from .quantize import weights_of
 
@@ -129,26 +130,29 @@ def _rewrite_4bit(src: Path, dst: Path, block_size: int, search: bool, exclude: 
         if entry.domain in ("", "ai.onnx"):
             entry.version = max(entry.version, opset)
     read = weights_of(src)
+    special = special or {}
 
     def rewrite(node, tensor, written):
-        if node.name in exclude:
-            return [node]
+        if node.name in special:
+            return special[node.name](model.graph, node, tensor, read, written)
         w = read(tensor)
-        k = w.shape[0]
-        block = block_along(k, block_size)
+        block = block_along(w.shape[0], block_size)
         q, scales = quantize_blocks(w, block, search)
         del w
         empty(tensor)
         return make(model.graph, node, tensor, q, scales, block, written)
 
-    return _rewrite_weight_matmuls(model, read, dst, rewrite) - len(exclude)
+    _rewrite_weight_matmuls(model, read, dst, rewrite)
 
 
 def matmul_nbits(src: Path, dst: Path, block_size: int = 128, accuracy_level: int = 4, lm_head: str = "int4",
                  search: bool = True) -> None:
-    """ONNX Runtime's INT4 decoder: every weight MatMul as MatMulNBits; lm_head 4-bit too or dynamic INT8."""
+    """ONNX Runtime's INT4 decoder: every weight MatMul as MatMulNBits; lm_head 4-bit too or, "int8", 8-bit
+    MatMulNBits as the INT8 decoder's head (dynamic.nbits8_matmul, symmetric blocks of HEAD_BLOCK)."""
+    from .dynamic import HEAD_BLOCK, nbits8_matmul
+
     _check(block_size, accuracy_level, lm_head)
-    head = lm_head_node(onnx.load(str(src), load_external_data=False))
+    head = lm_head_node(onnx.load(str(src), load_external_data=False)) if lm_head == "int8" else None
 
     def make(graph, node, tensor, q, scales, block, written):
         names = (tensor.name + "_Q4", tensor.name + "_scales")
@@ -157,20 +161,8 @@ def matmul_nbits(src: Path, dst: Path, block_size: int = 128, accuracy_level: in
                                  domain="com.microsoft", K=q.shape[1] * block, N=q.shape[0], bits=4, block_size=block,
                                  accuracy_level=accuracy_level)]
 
-    if lm_head == "int4":
-        _rewrite_4bit(src, dst, block_size, search, set(), make, opset=21)  # blocked DequantizeLinear, INT4
-        return
-    import tempfile
-
-    from .dynamic import dynamic_int8
-
-    with tempfile.TemporaryDirectory(prefix="vl-export-int4-", dir=dst.parent) as tmp:
-        staged = Path(tmp) / dst.name
-        _rewrite_4bit(src, staged, block_size, search, {head}, make)
-        # The only fp32 weight MatMul left is lm_head: ONNX Runtime's dynamic INT8 for it, with 7-bit weights as
-        # quantize.dynamic_int8 (no int16 saturation on CPUs without int8 dot products).
-        if dynamic_int8(staged, dst) != 1:
-            raise RuntimeError("expected lm_head to be the one fp32 MatMul left after INT4")
+    head8 = (lambda graph, node, tensor, read, written: [nbits8_matmul(node, tensor, read, graph, written, HEAD_BLOCK)])
+    _rewrite_4bit(src, dst, block_size, search, make, special={head: head8} if head else {})
 
 
 def blocked_qdq(src: Path, dst: Path, block_size: int = 128, search: bool = True) -> None:
@@ -188,4 +180,4 @@ def blocked_qdq(src: Path, dst: Path, block_size: int = 128, search: bool = True
                                  block_size=block),
                 helper.make_node("MatMul", [node.input[0], weight], list(node.output), node.name)]
 
-    _rewrite_4bit(src, dst, block_size, search, set(), make, opset=21)  # blocked DequantizeLinear, INT4
+    _rewrite_4bit(src, dst, block_size, search, make, opset=21)  # blocked DequantizeLinear, INT4

@@ -37,6 +37,7 @@ ORT_INT8_DECODERS = ("dynamic", "matmul-nbits")  # build --ort-int8-decoder
 INT4_BLOCK_SIZE = 128
 INT4_ACCURACY_LEVEL = 4
 INT4_SCALE_SEARCH = True  # calibration/int4.py's clip search of each block's scale
+INT4_HEAD_RECIPES = {"int4": "int4", "int8": "nbits8"}  # recipe suffix of ONNX Runtime's INT4 decoder, by lm_head
 INT4_LM_HEAD = "int4"
 
 
@@ -128,7 +129,7 @@ def int4_steps(inplace: GraphEntry | None, lm_head: str | None = None, block: in
               partial(int4.blocked_qdq, block_size=b, search=search))]
     if inplace is not None:
         steps.append((INPLACE, "decoder.ort-int4.onnx",
-                      f"matmul-nbits-int4-block{b}{scales}-level{INT4_ACCURACY_LEVEL}-lm-head-{lm_head}",
+                      f"matmul-nbits-int4-block{b}{scales}-level{INT4_ACCURACY_LEVEL}-lm-head-{INT4_HEAD_RECIPES[lm_head]}",
                       ("onnxruntime",), partial(int4.matmul_nbits, block_size=b, accuracy_level=INT4_ACCURACY_LEVEL,
                                                 search=search, lm_head=lm_head)))
     return steps

@@ -364,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decoder-recipe", choices=("weight-only", "w8a8", "w8a8-smoothquant"), default="weight-only",
                    help="INT8 decoder: weight-only (default; activations have outliers), static W8A8, or W8A8 after SmoothQuant")
     p.add_argument("--int4-lm-head", choices=("int4", "int8"), default=None,
-                   help="--precision int4, ONNX Runtime decoder: lm_head 4-bit (default, faster decode) or dynamic INT8 (closer logits)")
+                   help="--precision int4, ONNX Runtime decoder: lm_head 4-bit (default, faster decode) or 8-bit (closer logits)")
     p.add_argument("--int4-block", type=int, choices=(32, 64, 128), default=None,
                    help="--precision int4: weights per 4-bit block along K (default 128, the fastest; 32 for logits "
                         "closer to fp32 at ~1.5x the decode time)")
