@@ -60,17 +60,14 @@ def lm_head_node(model: onnx.ModelProto) -> str:
 
 
 def quantize_blocks(w: np.ndarray, block: int, search: bool) -> tuple[np.ndarray, np.ndarray]:
-    """(K, N) fp32 -> q (N, blocks, block) int8 in [-8, 7], K zero-padded to whole blocks, and scales (N, blocks)
-    fp32, so that w[k, n] ~ q[n, k // block, k % block] * scales[n, k // block]."""
+    """(K, N) fp32, K a whole number of blocks (block_along) -> q (N, K / block, block) int8 in [-8, 7] and scales
+    (N, K / block) fp32, so that w[k, n] ~ q[n, k // block, k % block] * scales[n, k // block]."""
     k, n = w.shape
-    blocks = -(-k // block)
-    q = np.empty((n, blocks, block), np.int8)
-    scales = np.empty((n, blocks), np.float32)
+    q = np.empty((n, k // block, block), np.int8)
+    scales = np.empty((n, k // block), np.float32)
     for first in range(0, n, _COLUMNS):
         cols = slice(first, min(first + _COLUMNS, n))
-        wt = np.zeros((cols.stop - first, blocks * block), np.float32)
-        wt[:, :k] = w[:, cols].T
-        wt = wt.reshape(-1, blocks, block)
+        wt = np.ascontiguousarray(w[:, cols].T, np.float32).reshape(-1, k // block, block)
         largest = np.take_along_axis(wt, np.abs(wt).argmax(-1)[..., None], -1)  # signed
         scale = largest / np.float32(-8)
         scale[scale == 0] = 1  # an all-zero block: any scale
@@ -111,18 +108,17 @@ def _int4_tensor(q: np.ndarray, written, name: str) -> TensorProto:
     """quantize_blocks' q (K a whole number of blocks) as a (K, N) INT4 initializer: row-major, two a byte, the first
     in the low nibble."""
     n, k = q.shape[0], q.shape[1] * q.shape[2]
-    flat = np.ascontiguousarray(q.reshape(n, k).T).reshape(-1).view(np.uint8) & 0x0F
-    if flat.size % 2:
-        flat = np.append(flat, np.uint8(0))
+    flat = np.ascontiguousarray(q.reshape(n, k).T).reshape(-1).view(np.uint8) & 0x0F  # K even: whole bytes
     return written.tensor(flat[0::2] | (flat[1::2] << 4), name, dims=(k, n), data_type=TensorProto.INT4)
 
 
-def _rewrite_4bit(src: Path, dst: Path, block_size: int, search: bool, make: Callable, special: dict | None = None,
+def _rewrite_4bit(src: Path, dst: Path, block_size: int, search: bool, make: Callable, head_block: int | None = None,
                   opset: int = 0) -> None:
     """Every weight MatMul of `src` as `make(graph, node, tensor, q, scales, block, written)`'s nodes, weight by
-    weight (dynamic._rewrite_weight_matmuls); the nodes named in `special` as `special[name](graph, node, tensor,
-    read, written)`'s instead. The default domain's opset is raised to at least `opset`."""
-    from .dynamic import _rewrite_weight_matmuls, empty
+    weight (dynamic._rewrite_weight_matmuls); with `head_block`, the lm_head as 8-bit MatMulNBits in blocks of that
+    size instead (dynamic.nbits8_matmul, as dynamic_int8_model's head). The default domain's opset is raised to at
+    least `opset`."""
+    from .dynamic import _rewrite_weight_matmuls, empty, nbits8_matmul
     from .quantize import weights_of
 
     model = onnx.load(str(src), load_external_data=False)
@@ -130,11 +126,11 @@ def _rewrite_4bit(src: Path, dst: Path, block_size: int, search: bool, make: Cal
         if entry.domain in ("", "ai.onnx"):
             entry.version = max(entry.version, opset)
     read = weights_of(src)
-    special = special or {}
+    head = lm_head_node(model) if head_block else None
 
     def rewrite(node, tensor, written):
-        if node.name in special:
-            return special[node.name](model.graph, node, tensor, read, written)
+        if node.name == head:
+            return [nbits8_matmul(node, tensor, read, model.graph, written, head_block)]
         w = read(tensor)
         block = block_along(w.shape[0], block_size)
         q, scales = quantize_blocks(w, block, search)
@@ -149,10 +145,9 @@ def matmul_nbits(src: Path, dst: Path, block_size: int = 128, accuracy_level: in
                  search: bool = True) -> None:
     """ONNX Runtime's INT4 decoder: every weight MatMul as MatMulNBits; lm_head 4-bit too or, "int8", 8-bit
     MatMulNBits as the INT8 decoder's head (dynamic.nbits8_matmul, symmetric blocks of HEAD_BLOCK)."""
-    from .dynamic import HEAD_BLOCK, nbits8_matmul
+    from .dynamic import HEAD_BLOCK
 
     _check(block_size, accuracy_level, lm_head)
-    head = lm_head_node(onnx.load(str(src), load_external_data=False)) if lm_head == "int8" else None
 
     def make(graph, node, tensor, q, scales, block, written):
         names = (tensor.name + "_Q4", tensor.name + "_scales")
@@ -161,8 +156,7 @@ def matmul_nbits(src: Path, dst: Path, block_size: int = 128, accuracy_level: in
                                  domain="com.microsoft", K=q.shape[1] * block, N=q.shape[0], bits=4, block_size=block,
                                  accuracy_level=accuracy_level)]
 
-    head8 = (lambda graph, node, tensor, read, written: [nbits8_matmul(node, tensor, read, graph, written, HEAD_BLOCK)])
-    _rewrite_4bit(src, dst, block_size, search, make, special={head: head8} if head else {})
+    _rewrite_4bit(src, dst, block_size, search, make, head_block=HEAD_BLOCK if lm_head == "int8" else None)
 
 
 def blocked_qdq(src: Path, dst: Path, block_size: int = 128, search: bool = True) -> None:

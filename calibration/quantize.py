@@ -330,12 +330,12 @@ class WeightFile:
     def tensor(self, array: np.ndarray, name: str, dims: tuple[int, ...] | None = None,
                data_type: int | None = None) -> onnx.TensorProto:
         """`array` as initializer `name`; with `dims` and `data_type`, `array` is that type's packed bytes (INT4)."""
-        if data_type is None:
-            if self._file is None:
-                return numpy_helper.from_array(array, name)
-            dims, data_type = array.shape, onnx.helper.np_dtype_to_tensor_dtype(array.dtype)
         if self._file is None:
+            if data_type is None:
+                return numpy_helper.from_array(array, name)
             return onnx.TensorProto(name=name, data_type=data_type, dims=dims, raw_data=array.tobytes())
+        if data_type is None:
+            dims, data_type = array.shape, onnx.helper.np_dtype_to_tensor_dtype(array.dtype)
         tensor = onnx.TensorProto(name=name, data_type=data_type, dims=dims, data_location=onnx.TensorProto.EXTERNAL)
         end = self._file.tell()
         offset = end + -end % 4096  # the next 4096-byte boundary

@@ -11,9 +11,9 @@ The portable decoders (weight-only INT8 or blocked INT4 Q/DQ, for OpenVINO and T
 concatenating graph. The INT4 settings below were chosen by measurement (README, "INT4 blocks of 128"): blocks of
 128 with clip-searched scales (calibration/int4.py) take 24-33% less time per decode step than blocks of 32 after a
 short prompt and 15-21% less after 7 tiles (MatMulNBits reads 4.25 instead of 5 bits a weight and does a quarter of
-the per-block work), at the demo model's task accuracy,
-symmetric, accuracy level 4 (int8 compute) is the fastest level here, and lm_head is 4-bit (`--int4-lm-head int8`
-keeps it 8-bit, for logits closer to fp32; `--int4-block 32` for blocks of 32).
+the per-block work), at the demo model's task accuracy; symmetric; accuracy level 4 (int8 compute), the fastest
+level here; lm_head 4-bit (`--int4-lm-head int8` makes it 8-bit, for logits closer to fp32; `--int4-block 32` for
+blocks of 32).
 """
 
 from __future__ import annotations
