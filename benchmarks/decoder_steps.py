@@ -3,7 +3,12 @@ table was made: every graph loaded at once, the prompt read through the runtime'
 form reads in chunks), then rounds of decode steps stepped in turn, so a slow moment of the machine falls on every
 graph alike. Random prompt embeddings: speed does not depend on the values.
 
-Make the graphs (both forms, INT4 and INT8, as builds quantize them) from a checkpoint, then time them:
+The load order matters: on this VM a graph loaded first stepped up to 1-2 ms slower (of ~10) after 150 tokens than
+the same graph loaded last (README, "INT8 decoder default and the fp16 KV cache"). So `time` runs twice, each in a
+fresh process, the graphs loaded in the order given and then reversed, and reports both and their mean.
+
+Make the graphs (each form and KV cache dtype; INT4, INT8 and INT8 dynamic, as builds quantize them) from a
+checkpoint, then time them:
 
     python benchmarks/decoder_steps.py build --model random:internvl2_5-1b --out decoders
     python benchmarks/decoder_steps.py time --bundle bundles/1b-int4 decoders/gqa-int4.onnx decoders/stacked-int4.onnx \\
@@ -29,19 +34,22 @@ import numpy as np
 def build(model: str, out: Path) -> None:
     from vl_export.calibration import int4
     from vl_export.export.bundle import load_checkpoint
-    from vl_export.export.decoder_variants import INT4_BLOCK_SIZE, ort_dynamic_int8
-    from vl_export.export.graphs_gqa import FORMS, build_gqa_decoder
+    from vl_export.export.decoder_variants import INT4_BLOCK_SIZE, ort_int8
+    from vl_export.export.graphs_gqa import KV_DTYPES, build_gqa_decoder
 
     out.mkdir(parents=True, exist_ok=True)
     ck = load_checkpoint(model, print, stored_dtype=True)
-    for form in FORMS:
-        build_gqa_decoder(ck.model, ck.spec, out / f"{form}-int8.onnx", ort_dynamic_int8().make, form)
-        fp32 = out / f"{form}-fp32.onnx"
-        build_gqa_decoder(ck.model, ck.spec, fp32, form=form)
-        int4.matmul_nbits(fp32, out / f"{form}-int4.onnx", block_size=INT4_BLOCK_SIZE, lm_head="int4")
-        for path in out.glob(f"{fp32.name}*"):
-            path.unlink()
-        print(f"built {form}", flush=True)
+    for form, dtypes in KV_DTYPES.items():
+        for kv in dtypes:
+            name = form if kv == "float32" else f"{form}-fp16kv"
+            build_gqa_decoder(ck.model, ck.spec, out / f"{name}-int8.onnx", ort_int8("matmul-nbits").make, form, kv)
+            build_gqa_decoder(ck.model, ck.spec, out / f"{name}-int8dynamic.onnx", ort_int8("dynamic").make, form, kv)
+            fp32 = out / f"{name}-fp32.onnx"
+            build_gqa_decoder(ck.model, ck.spec, fp32, form=form, kv_dtype=kv)
+            int4.matmul_nbits(fp32, out / f"{name}-int4.onnx", block_size=INT4_BLOCK_SIZE, lm_head="int4")
+            for path in out.glob(f"{fp32.name}*"):
+                path.unlink()
+            print(f"built {name}", flush=True)
 
 
 class GenaiGraph:
@@ -82,23 +90,30 @@ class GenaiGraph:
         self.session.run_with_iobinding(self.binding)
 
 
-def timed(bundle: Path, files: list[Path], contexts: list[int], rounds: int, steps: int, threads: int) -> None:
+def timed(bundle: Path, files: list[Path], contexts: list[int], rounds: int, steps: int, threads: int) -> dict:
+    """{context: {name: (ms a step, median of the rounds; prefill s, best of 2)}}, the graphs loaded in `files`'
+    order; each context's lines printed as it finishes."""
+    import onnx
+
     from vl_export.export.graphs_inplace import inplace_io
     from vl_export.manifest import GraphEntry, Manifest
     from vl_export.runtime.backends.ort import OrtBackend
 
     spec = Manifest.load(bundle).model
-    inputs, outputs = inplace_io(spec, "fp32")
     backend = OrtBackend(threads=threads, spin="decoder")
     names = [f.name if [g.name for g in files].count(f.name) == 1 else f"{f.parent.name}/{f.name}" for f in files]
-    decoders = {
-        name: GenaiGraph(f, threads) if f.is_dir() else
-        backend.open_decoder(f.parent, GraphEntry(role="decoder", file=f.name, precision="fp32", inputs=inputs,
-                                                  outputs=outputs, form=_form(f), backends=("onnxruntime",)))
-        for name, f in zip(names, files)
-    }
+
+    def opened(f: Path):
+        cache = next(i for i in onnx.load(str(f), load_external_data=False).graph.input if i.name.startswith("past_"))
+        fp16 = cache.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+        inputs, outputs = inplace_io(spec, "fp16" if fp16 else "fp32")  # fp16: the cache's dtype only
+        return backend.open_decoder(f.parent, GraphEntry(role="decoder", file=f.name, precision="fp32", inputs=inputs,
+                                                         outputs=outputs, form=_form(f), backends=("onnxruntime",)))
+
+    decoders = {name: GenaiGraph(f, threads) if f.is_dir() else opened(f) for name, f in zip(names, files)}
     hidden = spec.text.hidden_size
     rng = np.random.default_rng(0)
+    results = {}
     for context in contexts:
         prompt = (rng.standard_normal((1, context, hidden)) * 0.02).astype(np.float32)
         prefill = {name: [] for name in decoders}
@@ -119,10 +134,30 @@ def timed(bundle: Path, files: list[Path], contexts: list[int], rounds: int, ste
                     d.forward(step, np.ones((1, total), np.int64), np.array([[total - 1]]), np.zeros((1, 1), np.int64))
                     times.append(time.perf_counter() - start)
                 per_round[name].append(float(np.median(times)) * 1e3)
+        results[context] = {name: (float(np.median(per_round[name])), min(prefill[name])) for name in decoders}
         for name in decoders:
             rounds_ms = " ".join(f"{ms:.1f}" for ms in per_round[name])
             print(f"after {context} tokens: {name}: {np.median(per_round[name]):.2f} ms a step (rounds {rounds_ms}), "
                   f"prefill {min(prefill[name]):.2f} s", flush=True)
+    return results
+
+
+def both_orders(bundle: Path, files: list[Path], contexts: list[int], rounds: int, steps: int, threads: int) -> None:
+    """timed() in a fresh process with the files in the given order, then reversed; each graph's mean of the two."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    runs = []
+    for order in (files, files[::-1]):
+        print(f"load order: {', '.join(str(f) for f in order)}", flush=True)
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            runs.append(pool.submit(timed, bundle, order, contexts, rounds, steps, threads).result())
+    print("both orders (given / reversed -> mean):")
+    for context in contexts:
+        for name, (ms, prefill) in runs[0][context].items():
+            ms2, prefill2 = runs[1][context][name]
+            print(f"after {context} tokens: {name}: {ms:.2f} / {ms2:.2f} -> {(ms + ms2) / 2:.2f} ms a step, "
+                  f"prefill {prefill:.2f} / {prefill2:.2f} -> {(prefill + prefill2) / 2:.2f} s", flush=True)
 
 
 def _form(f: Path) -> str:
@@ -153,7 +188,8 @@ def main() -> None:
     if args.command == "build":
         build(args.model, args.out)
     else:
-        timed(args.bundle, args.files, [int(c) for c in args.contexts.split(",")], args.rounds, args.steps, args.threads)
+        both_orders(args.bundle, args.files, [int(c) for c in args.contexts.split(",")], args.rounds, args.steps,
+                    args.threads)
 
 
 if __name__ == "__main__":

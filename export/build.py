@@ -33,7 +33,7 @@ class BuildConfig:
     decoder_recipe: str = "weight-only"
     int4_lm_head: str | None = None  # ONNX Runtime's INT4 decoder: lm_head "int4" (None: the default) or "int8"
     int4_block: int | None = None  # INT4 decoders' block along K (None: decoder_variants.INT4_BLOCK_SIZE)
-    ort_int8_decoder: str = "dynamic"  # ONNX Runtime's INT8 decoder (decoder_variants.ORT_INT8_DECODERS)
+    ort_int8_decoder: str | None = None  # ONNX Runtime's INT8 decoder (decoder_variants.ORT_INT8_DECODERS; None: the default)
     verify: bool = True
     verify_tokens: int = 16
     trt: BuildOptions = field(default_factory=BuildOptions)
@@ -56,9 +56,9 @@ class BuildConfig:
                 raise InputError(f"{flag} applies to --precision int4, not {self.precision}")
         from .decoder_variants import ORT_INT8_DECODERS
 
-        if self.ort_int8_decoder not in ORT_INT8_DECODERS:
+        if self.ort_int8_decoder not in (None, *ORT_INT8_DECODERS):
             raise InputError(f"--ort-int8-decoder {self.ort_int8_decoder!r} is not one of {', '.join(ORT_INT8_DECODERS)}")
-        if self.ort_int8_decoder != "dynamic" and (self.precision, self.backend) != ("int8", "onnxruntime"):
+        if self.ort_int8_decoder is not None and (self.precision, self.backend) != ("int8", "onnxruntime"):
             raise InputError(f"--ort-int8-decoder applies to --precision int8 --backend ort, not {self.precision} "
                              f"for {self.backend}")
         if self.precision == "int4":
@@ -127,10 +127,10 @@ def _build_bundle(model: str, out: Path, config: BuildConfig, progress: Progress
 def _ort_variant_source(ck, staging: Path, config: BuildConfig, progress: Progress, made: dict) -> None:
     """ONNX Runtime's decoder variants' source (the GQA decoder; for INT8 its dynamic-INT8 form itself, straight from
     the weights), made while the language model's weights are still loaded: into made["inplace"]."""
-    from .decoder_variants import export_inplace_source, ort_dynamic_int8
+    from .decoder_variants import ORT_INT8_DECODER, export_inplace_source, ort_int8
 
     made["inplace"] = export_inplace_source(ck, staging, config.backend, progress,
-                                            ort_dynamic_int8(config.ort_int8_decoder) if config.precision == "int8" else None)
+                                            ort_int8(config.ort_int8_decoder or ORT_INT8_DECODER) if config.precision == "int8" else None)
 
 
 def quick_verify(bundle: Path, ck, config: BuildConfig, progress: Progress) -> dict:
@@ -232,14 +232,14 @@ def quantize_bundle(staging: Path, manifest: Manifest, source_sha: str, data, co
         calibrated_steps.append(("decoder", "decoder.int8.onnx", f"{config.decoder_recipe}-{method}" + ("-w7" if seven_bit else ""), None,
                                  calibrated("decoder", lambda: data.decoder_feeds(pipe), smooth)))
     if config.backend == "onnxruntime":
-        from .decoder_variants import INPLACE, ort_int8_from_file
+        from .decoder_variants import INPLACE, ORT_INT8_DECODER, ort_int8_from_file
 
         # ONNX Runtime's CPU kernels run Q/DQ matmuls slowly; its own dynamic INT8 is the fast form there.
         other_steps.append(("vision_encoder", "vision_encoder.ort-int8.onnx", "fused-dynamic-int8-w7", ("onnxruntime",),
                             quantize.fused_dynamic_int8))
         if config.precision == "int8" and not any(g.backends == ("onnxruntime",) for g in made):
             # made from the in-place-cache decoder where one was exported
-            recipe, make = ort_int8_from_file(config.ort_int8_decoder)
+            recipe, make = ort_int8_from_file(config.ort_int8_decoder or ORT_INT8_DECODER)
             other_steps.append((INPLACE if inplace else "decoder", "decoder.ort-int8.onnx", recipe, ("onnxruntime",), make))
 
     graphs: list[GraphEntry] = []

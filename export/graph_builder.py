@@ -63,7 +63,7 @@ class WeightGraph:
         self._ints = 0
         self._two = None  # RMSNorm's exponent, made with the first RMSNorm
         self._gelu = None  # the erf GELU's constants, made with the first GELU
-        self._blocked = None  # an additive mask's 0 and most negative float, made with the first mask
+        self._blocked: dict = {}  # an additive mask's 0 and most negative number, per dtype, made with the first mask
 
     def const(self, name: str, array: np.ndarray):
         import onnx_ir as ir
@@ -102,12 +102,16 @@ class WeightGraph:
         op = self.tape.op
         return op("Mul", [x, op("Mul", [half, op("Add", [op("Erf", [op("Div", [x, sqrt2])]), one])])])
 
-    def blocked_where(self, allowed):
-        """0 where `allowed` (bool), the most negative fp32 where not: the decoders' additive attention mask."""
-        if self._blocked is None:
-            self._blocked = (self.const("const.zero_f", np.array(0.0, np.float32)),
-                             self.const("const.blocked", np.array(np.finfo(np.float32).min, np.float32)))
-        return self.tape.op("Where", [allowed, *self._blocked], name="mask/Where")
+    def blocked_where(self, allowed, dtype=np.float32):
+        """0 where `allowed` (bool), the most negative `dtype` number where not: the decoders' additive attention mask
+        (finite, not -inf: a row with every key blocked, a left-padded row's padding, then attends uniformly instead
+        of to NaN, which a zero weight would not cancel further on)."""
+        dtype = np.dtype(dtype)
+        if dtype not in self._blocked:
+            suffix = "" if dtype == np.float32 else f"_{dtype.name}"
+            self._blocked[dtype] = (self.const(f"const.zero_f{suffix}", np.array(0.0, dtype)),
+                                    self.const(f"const.blocked{suffix}", np.array(np.finfo(dtype).min, dtype)))
+        return self.tape.op("Where", [allowed, *self._blocked[dtype]], name="mask/Where")
 
     def weight(self, name: str, make, shape: tuple[int, int]):
         """An initializer of the matmul dtype made only when it is written."""

@@ -52,6 +52,15 @@ def bundle_stacked(tiny, bundle_fp32, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def bundle_stacked_fp16(tiny, bundle_fp32, tmp_path_factory):
+    """bundle_fp32 with the stacked-group decoder on an fp16 KV cache (as builds ship their quantized decoders)."""
+    from tiny_models import add_gqa_decoder
+
+    return add_gqa_decoder(tiny["original"], bundle_fp32, tmp_path_factory.mktemp("bundles") / "stacked-fp16", "stacked",
+                           "float16")
+
+
+@pytest.fixture(scope="session")
 def internlm2_stacked_bundles(internlm2_gqa_bundles):
     """The InternLM2 tiny model's fp32 bundle, and that bundle with the stacked-group decoder."""
     from tiny_models import add_gqa_decoder

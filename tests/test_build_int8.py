@@ -51,7 +51,7 @@ def test_int8_bundle_verifies_and_records_its_numbers(bundle_int8):
     assert {(g.role, g.recipe, g.backends) for g in manifest.graphs} == {
         ("vision_encoder", "w8a8-minmax-w7", None), ("projector", "w8a8-minmax-w7", None),
         ("decoder", "weight-only-int8", None), ("vision_encoder", "fused-dynamic-int8-w7", ("onnxruntime",)),
-        ("decoder", "dynamic-int8-w7-lm-head-nbits8-block128", ("onnxruntime",)),
+        ("decoder", "matmul-nbits-int8-block128-level4", ("onnxruntime",)),
     }
     assert not (bundle_int8 / "vision_encoder.onnx").exists()  # the fp32 graphs are not shipped
 
@@ -63,6 +63,7 @@ def test_int8_bundle_runs_in_the_runtime(bundle_int8):
     from vl_export.runtime.backends.ort_inplace import OrtStackedDecoder
 
     assert pipe.manifest.graph("decoder", "onnxruntime").form == "stacked" and isinstance(pipe.decoder, OrtStackedDecoder)
+    assert pipe.decoder.kv_dtype == np.float16  # what builds ship (export/decoder_variants.ORT_KV_DTYPE)
     result = pipe.chat("Describe the image.", images=image, generation=GenerationConfig(max_new_tokens=8))
     assert len(result.token_ids) == 8 and result.timings.tiles == 3
 
@@ -118,7 +119,7 @@ def test_build_reports_time_and_peak_memory_per_step_decoders_last(bundle_int8):
     # the calibration-free INT8 ones quantized as they are built.
     assert exported == ["exporting vision_encoder", "exporting projector",
                         "building the decoder with stacked-group attention and an in-place KV cache", "exporting decoder"]
-    assert any("dynamic-int8-w7-lm-head-nbits8-block128, straight from the weights" in line for line in done)
+    assert any("matmul-nbits-int8-block128-level4, straight from the weights" in line for line in done)
     assert any(line.startswith("exporting decoder (weight-only-int8, straight from the weights)") for line in done)
     assert any(line.startswith("calibrating: ") and " tiles" in line for line in BUILD_LINES)  # counted progress
 

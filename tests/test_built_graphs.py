@@ -108,7 +108,7 @@ def test_decoders_quantized_as_they_are_built_are_the_quantizers_files(members, 
     """A build writes its calibration-free INT8 decoders straight from the weights (decoder_variants.Quantized): the
     files are those the quantizers make from the written fp32 graphs, byte for byte."""
     from vl_export.calibration import quantize
-    from vl_export.export.decoder_variants import ort_dynamic_int8, ort_int8_from_file, weight_only_int8
+    from vl_export.export.decoder_variants import ort_int8, ort_int8_from_file, weight_only_int8
     from vl_export.export.graphs_gqa import build_gqa_decoder
 
     ck = load_checkpoint(str(members[member]), lambda _: None, stored_dtype=True)
@@ -119,10 +119,12 @@ def test_decoders_quantized_as_they_are_built_are_the_quantizers_files(members, 
     _same_file_content(tmp_path / "from-file.int8.onnx", tmp_path / entry.file)
 
     build_gqa_decoder(ck.model, ck.spec, tmp_path / "gqa.onnx", form="stacked")
-    ort_int8_from_file()[1](tmp_path / "gqa.onnx", tmp_path / "gqa-from-file.int8.onnx")
-    made = ort_dynamic_int8()
-    entry = made.entry(build_gqa_decoder(ck.model, ck.spec, tmp_path / made.file, made.make, "stacked"))
-    assert (entry.precision, entry.recipe, entry.backends, entry.form) == (
-        "int8", "dynamic-int8-w7-lm-head-nbits8-block128", ("onnxruntime",), "stacked")
-    assert [n.op_type for n in onnx.load(str(tmp_path / made.file)).graph.node].count("MatMulNBits") == 1  # lm_head
-    _same_file_content(tmp_path / "gqa-from-file.int8.onnx", tmp_path / made.file)
+    layers = ck.spec.text.num_layers
+    for kind, recipe, nbits in (("matmul-nbits", "matmul-nbits-int8-block128-level4", 5 * layers + 1),
+                                ("dynamic", "dynamic-int8-w7-lm-head-nbits8-block128", 1)):  # 1: the lm_head
+        ort_int8_from_file(kind)[1](tmp_path / "gqa.onnx", tmp_path / f"gqa-from-file-{kind}.int8.onnx")
+        made = ort_int8(kind)
+        entry = made.entry(build_gqa_decoder(ck.model, ck.spec, tmp_path / made.file, made.make, "stacked"))
+        assert (entry.precision, entry.recipe, entry.backends, entry.form) == ("int8", recipe, ("onnxruntime",), "stacked")
+        assert [n.op_type for n in onnx.load(str(tmp_path / made.file)).graph.node].count("MatMulNBits") == nbits
+        _same_file_content(tmp_path / f"gqa-from-file-{kind}.int8.onnx", tmp_path / made.file)

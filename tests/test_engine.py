@@ -39,11 +39,11 @@ def pipe(request, bundle_fp32):
         pipe = Pipeline.from_bundle(request.getfixturevalue("bundle_gqa"), threads=1)
         assert isinstance(pipe.decoder, OrtGqaDecoder)
         return pipe
-    if request.param == "onnxruntime-stacked":  # the stacked-group decoder (export/graphs_gqa.py), what builds ship
-        from vl_export.runtime.backends.ort_inplace import OrtStackedDecoder
+    if request.param == "onnxruntime-stacked":  # the stacked-group decoder (export/graphs_gqa.py) on an fp16 cache:
+        from vl_export.runtime.backends.ort_inplace import OrtStackedDecoder  # what builds ship
 
-        pipe = Pipeline.from_bundle(request.getfixturevalue("bundle_stacked"), threads=1)
-        assert isinstance(pipe.decoder, OrtStackedDecoder)
+        pipe = Pipeline.from_bundle(request.getfixturevalue("bundle_stacked_fp16"), threads=1)
+        assert isinstance(pipe.decoder, OrtStackedDecoder) and pipe.decoder.kv_dtype == np.float16
         return pipe
     pytest.importorskip("openvino")
     return Pipeline.from_bundle(bundle_fp32, backend="openvino", threads=1, precision="f32")

@@ -60,6 +60,34 @@ def test_the_stacked_graph_is_chosen_and_attends_per_kv_head(bundle_stacked, int
         assert ops.count("Transpose") == 0  # the query heads' order is in the weights, the keys read as stored
 
 
+def test_the_fp16_cache_graph_runs_attention_in_fp16_between_two_casts_a_layer(bundle_stacked_fp16):
+    """The stacked decoder builds ship (fp16 cache): q|k|v cast to fp16 as it leaves its projection, attention's
+    output cast back, nothing else; the manifest, the session and the runtime's buffers all say float16."""
+    pipe = Pipeline.from_bundle(bundle_stacked_fp16, threads=1)
+    entry = pipe.manifest.graph("decoder", "onnxruntime")
+    layers = pipe.manifest.model.text.num_layers
+    assert {t.dtype for t in entry.inputs + entry.outputs if t.name.startswith(("past_", "present."))} == {"float16"}
+    assert pipe.decoder.kv_dtype == np.float16
+    assert {i.type for i in pipe.decoder.session.get_inputs() if i.name.startswith("past_")} == {"tensor(float16)"}
+    graph = onnx.load(str(bundle_stacked_fp16 / entry.file), load_external_data=False).graph
+    casts = [next(a.i for a in n.attribute if a.name == "to") for n in graph.node if n.op_type == "Cast"]
+    assert casts.count(onnx.TensorProto.FLOAT16) == layers and casts.count(onnx.TensorProto.FLOAT) == layers
+    assert [n.op_type for n in graph.node].count("MultiHeadAttention") == layers
+    tables = {i.name: i.data_type for i in graph.initializer if i.name in ("cos_cache", "sin_cache")}
+    assert tables == {"cos_cache": onnx.TensorProto.FLOAT16, "sin_cache": onnx.TensorProto.FLOAT16}
+
+
+def test_a_stacked_manifest_with_mixed_cache_dtypes_is_refused(bundle_stacked_fp16, tmp_path):
+    out = tmp_path / "mixed"
+    shutil.copytree(bundle_stacked_fp16, out)
+    data = json.loads((out / "manifest.json").read_text())
+    entry = next(g for g in data["graphs"] if g.get("form") == "stacked")
+    next(t for t in entry["inputs"] if t["name"] == "past_key_values.0.value")["dtype"] = "float32"
+    (out / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(BundleError, match="a stacked decoder's cache is float32 or float16, one dtype for every tensor"):
+        Manifest.load(out)
+
+
 def test_gqa_refuses_write_positions_it_cannot_honour(bundle_gqa):
     d = Pipeline.from_bundle(bundle_gqa, threads=1).decoder
     hidden = d.session.get_inputs()[0].shape[-1]

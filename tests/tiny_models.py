@@ -236,13 +236,13 @@ def add_decoder_variant(checkpoint_dir, bundle, out, make, file: str):
     return out
 
 
-def add_gqa_decoder(checkpoint_dir, bundle, out, form: str = "gqa"):
+def add_gqa_decoder(checkpoint_dir, bundle, out, form: str = "gqa", kv_dtype: str = "float32"):
     """The decoder built from the weights (export/graphs_gqa.py) in `form` (GroupQueryAttention, or stacked-group
-    attention) as `bundle`'s ONNX Runtime variant."""
+    attention) with a `kv_dtype` cache as `bundle`'s ONNX Runtime variant."""
     from vl_export.export.graphs_gqa import build_gqa_decoder
 
     return add_decoder_variant(checkpoint_dir, bundle, out,
-                               lambda ck, path: build_gqa_decoder(ck.model, ck.spec, path, form=form),
+                               lambda ck, path: build_gqa_decoder(ck.model, ck.spec, path, form=form, kv_dtype=kv_dtype),
                                f"decoder.ort-{form}.onnx")
 
 
