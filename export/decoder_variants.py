@@ -1,11 +1,12 @@
 """Which decoder graphs a quantized build ships beside the portable one, and from what source.
 
-ONNX Runtime's decoder variants (INT8 and INT4 MatMulNBits, or dynamic INT8) are made from a decoder with an in-place cache built
-from the weights while the torch model is still loaded (graphs_gqa.py), in its "stacked" form: attention over each KV
-head's stacked query group (MultiHeadAttention), which reads the cache once per KV head. It replaced the
-GroupQueryAttention form (which reads it once per query head; older bundles ship it and the runtime still runs it)
-because it decodes faster after an image prompt: 7-9% per step after 1,903 positions, the same after 367, 0.4-0.6 ms
-slower after 150, its chunked prefill within 4% (README, "The stacked decoder"). The GroupQueryAttention form had
+ONNX Runtime's decoder variants (INT8 and INT4 MatMulNBits, or dynamic INT8) are made from a decoder with an
+in-place cache built from the weights while the torch model is still loaded (graphs_gqa.py), in its "stacked" form:
+attention over each KV head's stacked query group (MultiHeadAttention), which reads the cache once per KV head. It
+replaced the GroupQueryAttention form (which reads it once per query head; older bundles ship it and the runtime
+still runs it) because it decodes faster after an image prompt: 7-9% per step after 1,903 positions, the same after
+367, 0.4-0.6 ms slower after 150, its chunked prefill within 4% (README, "The stacked decoder"). The
+GroupQueryAttention form had
 replaced the torch-exported in-place decoder (graphs_inplace.py) for being faster per step at both precisions.
 The portable decoders (weight-only INT8 or blocked INT4 Q/DQ, for OpenVINO and TensorRT) keep today's
 concatenating graph. The INT4 settings below were chosen by measurement (README, "INT4 blocks of 128"): blocks of
@@ -13,14 +14,14 @@ concatenating graph. The INT4 settings below were chosen by measurement (README,
 short prompt and 15-21% less after 7 tiles (MatMulNBits reads 4.25 instead of 5 bits a weight and does a quarter of
 the per-block work), at the demo model's task accuracy; symmetric; accuracy level 4 (int8 compute), the fastest
 level here; lm_head 4-bit (`--int4-lm-head int8` makes it 8-bit, for logits closer to fp32; `--int4-block 32` for
-blocks of 32). ONNX Runtime's INT8 decoder is 8-bit MatMulNBits by default (README, "INT8 decoder default"): against
-dynamic INT8 (MatMulInteger), paired on the same-size 1B, 23% less time per step after 150 tokens and 20% less after
-1,903, logits closer to fp32 (cosine mean 0.9992 against 0.9956, top-1 0.92 against 0.82), but its prompt reading
-takes ~65% longer (ONNX Runtime's 8-bit MatMulNBits kernel on many rows runs at ~1/1.5-1.9 of MLAS's int8 GEMM).
-`--ort-int8-decoder dynamic` keeps the faster prefill for prompt-heavy work. Their KV cache is fp16 (README, "The
-fp16 KV cache"): per step after 1,903 positions 8-10% less time at INT8 and INT4, the same after 150 within 0.2 ms,
-half the cache memory, logits unchanged against fp32 at the precision these decoders have (cosine to fp32 0.99919
-with either cache at INT8).
+blocks of 32). ONNX Runtime's INT8 decoder is 8-bit MatMulNBits by default (README, "INT8 decoder default and
+the fp16 KV cache"): against dynamic INT8 (MatMulInteger), on the same-size 1B in one end-to-end run, 62.7 against
+49.0 tok/s after a short prompt and 60.0 against 43.2 after 7 tiles, logits closer to fp32 (cosine mean 0.9992 against 0.9956, top-1 0.92 against
+0.82), but it reads a prompt ~65% slower (ONNX Runtime's 8-bit MatMulNBits kernel on many rows runs at 1/1.5-1/1.9
+of MLAS's int8 GEMM); `--ort-int8-decoder dynamic` keeps the faster prefill for long prompts and short answers.
+These decoders' KV cache is fp16 (ORT_KV_DTYPE): per step, both load orders, 13% less time at INT4 after 1,903
+positions (3% at INT8, within that run's noise) and 0.2-0.5 ms less after 150; half the cache memory; logits
+against fp32 unchanged at these precisions (INT8 cosine mean 0.99921 against 0.99919 with an fp32 cache).
 """
 
 from __future__ import annotations

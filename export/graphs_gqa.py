@@ -206,8 +206,8 @@ class _StackedAttention:
     leaves its projection: rotary (fp16 tables), the cache writes and attention run in fp16, and attention's output
     is cast back. ONNX Runtime's CPU MultiHeadAttention reads fp16 keys and values in ~2/3 of the time (24 layers
     over 2,048 positions: 2.75 against 4.11 ms), the cache takes half the memory, and the logits moved by 0.0030 at
-    most over 3 x 64 prompt positions with fp32 weights, greedy tokens identical for 32 steps (README, "The fp16 KV
-    cache")."""
+    most over 3 x 64 prompt positions with fp32 weights, greedy tokens identical for 32 steps (README, "INT8
+    decoder default and the fp16 KV cache")."""
 
     def __init__(self, g: WeightGraph, values: dict, t, cos_cache, sin_cache, kv_dtype=np.dtype(np.float32)):
         import onnx_ir as ir
