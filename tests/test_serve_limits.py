@@ -3,11 +3,9 @@ for bad values, local files confined to a root, no API docs unless asked, settin
 
 from __future__ import annotations
 
-import base64
 import io
 import json
 import socket
-import threading
 import time
 
 import httpx
@@ -20,7 +18,7 @@ from vl_export.errors import InputError, VlExportError
 from vl_export.runtime import Pipeline
 from vl_export.runtime.openai_schema import Limits, OpenAIError, parse_chat_request
 from vl_export.runtime.server import BackgroundServer, ServerConfig
-from vl_export.runtime.serving import Event, GenerationQueue, Job
+from vl_export.runtime.serving import GenerationQueue, Job
 
 MODEL = "tiny"
 LIMITS = Limits(max_tokens=16)
