@@ -127,10 +127,10 @@ def _build_bundle(model: str, out: Path, config: BuildConfig, progress: Progress
 def _ort_variant_source(ck, staging: Path, config: BuildConfig, progress: Progress, made: dict) -> None:
     """ONNX Runtime's decoder variants' source (the GQA decoder; for INT8 its dynamic-INT8 form itself, straight from
     the weights), made while the language model's weights are still loaded: into made["inplace"]."""
-    from .decoder_variants import ORT_INT8_DECODER, export_inplace_source, ort_int8
+    from .decoder_variants import export_inplace_source, ort_int8
 
     made["inplace"] = export_inplace_source(ck, staging, config.backend, progress,
-                                            ort_int8(config.ort_int8_decoder or ORT_INT8_DECODER) if config.precision == "int8" else None)
+                                            ort_int8(config.ort_int8_decoder) if config.precision == "int8" else None)
 
 
 def quick_verify(bundle: Path, ck, config: BuildConfig, progress: Progress) -> dict:
@@ -232,14 +232,14 @@ def quantize_bundle(staging: Path, manifest: Manifest, source_sha: str, data, co
         calibrated_steps.append(("decoder", "decoder.int8.onnx", f"{config.decoder_recipe}-{method}" + ("-w7" if seven_bit else ""), None,
                                  calibrated("decoder", lambda: data.decoder_feeds(pipe), smooth)))
     if config.backend == "onnxruntime":
-        from .decoder_variants import INPLACE, ORT_INT8_DECODER, ort_int8_from_file
+        from .decoder_variants import INPLACE, ort_int8_from_file
 
         # ONNX Runtime's CPU kernels run Q/DQ matmuls slowly; its own dynamic INT8 is the fast form there.
         other_steps.append(("vision_encoder", "vision_encoder.ort-int8.onnx", "fused-dynamic-int8-w7", ("onnxruntime",),
                             quantize.fused_dynamic_int8))
         if config.precision == "int8" and not any(g.backends == ("onnxruntime",) for g in made):
             # made from the in-place-cache decoder where one was exported
-            recipe, make = ort_int8_from_file(config.ort_int8_decoder or ORT_INT8_DECODER)
+            recipe, make = ort_int8_from_file(config.ort_int8_decoder)
             other_steps.append((INPLACE if inplace else "decoder", "decoder.ort-int8.onnx", recipe, ("onnxruntime",), make))
 
     graphs: list[GraphEntry] = []

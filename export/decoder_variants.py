@@ -73,20 +73,20 @@ def weight_only_int8() -> Quantized:
     return Quantized("decoder.int8.onnx", "weight-only-int8", weight_only_int8_model)
 
 
-def ort_int8(kind: str = ORT_INT8_DECODER) -> Quantized:
-    """ONNX Runtime's INT8 decoder, from the in-place decoder (graphs_gqa.py). `kind` (ORT_INT8_DECODERS):
-    "matmul-nbits", every weight 8-bit MatMulNBits (symmetric blocks of 128, accuracy level 4); "dynamic", dynamic
-    INT8 (MatMulInteger, 7-bit per-channel weights) with the lm_head 8-bit MatMulNBits (calibration/dynamic.py's
-    HEAD_BLOCK): a faster prefill, a slower and less exact decode (module docstring)."""
+def ort_int8(kind: str | None = None) -> Quantized:
+    """ONNX Runtime's INT8 decoder, from the in-place decoder (graphs_gqa.py). `kind` (ORT_INT8_DECODERS; None:
+    ORT_INT8_DECODER): "matmul-nbits", every weight 8-bit MatMulNBits (symmetric blocks of 128, accuracy level 4);
+    "dynamic", dynamic INT8 (MatMulInteger, 7-bit per-channel weights) with the lm_head 8-bit MatMulNBits
+    (calibration/dynamic.py's HEAD_BLOCK): a faster prefill, a slower and less exact decode (module docstring)."""
     from vl_export.calibration.dynamic import HEAD_BLOCK, dynamic_int8_model, matmul_nbits8_model
 
-    if kind == "matmul-nbits":
+    if (kind or ORT_INT8_DECODER) == "matmul-nbits":
         return Quantized("decoder.ort-int8.onnx", ORT_INT8_NBITS_RECIPE, matmul_nbits8_model, ("onnxruntime",))
     return Quantized("decoder.ort-int8.onnx", ORT_INT8_DYNAMIC_RECIPE, partial(dynamic_int8_model, head_block=HEAD_BLOCK),
                      ("onnxruntime",))
 
 
-def ort_int8_from_file(kind: str = ORT_INT8_DECODER) -> tuple[str, Callable[[Path, Path], object]]:
+def ort_int8_from_file(kind: str | None = None) -> tuple[str, Callable[[Path, Path], object]]:
     """(recipe, make) of ort_int8(kind) from an fp32 decoder file (builds whose decoder recipe calibrates on that
     file)."""
     from vl_export.calibration.quantize import of_file

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from vl_export.manifest import GraphEntry
+from vl_export.manifest_checks import FORM_KV_DTYPES
 from vl_export.spec import ModelSpec
 
 from .graph_builder import WeightGraph, graph_inputs, to_numpy, transposed
@@ -43,7 +44,7 @@ MS = "com.microsoft"
 FORM = "gqa"  # the manifest's decoder form (GraphEntry.form) for this graph
 STACKED = "stacked"  # the form with attention over each KV head's stacked query group
 FORMS = (FORM, STACKED)
-KV_DTYPES = {FORM: ("float32",), STACKED: ("float32", "float16")}  # the KV cache's element type, by form
+KV_DTYPES = FORM_KV_DTYPES  # the KV cache's element type, by form: the manifest check's own table
 
 
 def rotary_tables(inv_freq, positions: int) -> tuple[np.ndarray, np.ndarray]:

@@ -23,7 +23,7 @@ END_OF_TEXT_TOKENS = ("<|endoftext|>", "</s>")  # Qwen2's end of text, InternLM2
 # GraphEntry.form values: ONNX Runtime decoders built from the weights (export/graphs_gqa.py); gqa: with
 # GroupQueryAttention, stacked: with attention as MatMuls over each KV head's stacked query group.
 GRAPH_FORMS = ("gqa", "stacked")
-FORM_KV_DTYPES = {"gqa": ("float32",), "stacked": ("float32", "float16")}  # export/graphs_gqa.KV_DTYPES
+FORM_KV_DTYPES = {"gqa": ("float32",), "stacked": ("float32", "float16")}  # the cache's dtypes each form is built with
 SYMBOLIC_AXES = ("tiles", "batch", "seq", "past", "total", "num_logits", "capacity")
 # Far beyond any InternVL2.5 (12 tiles of 448, 32k context) yet small enough that nothing downstream hangs or
 # asks the allocator for terabytes: the tiling search is O(max_tiles log max_tiles), the KV cache is per position.
@@ -175,12 +175,13 @@ def check_graph(graph: dict, where: str, bundle: Path, model: dict) -> None:
     if role == "decoder":
         check_kv(inputs, outputs, where, mapping(model.get("text"), "model.text"))
     if graph.get("form") is not None:
-        check_form(graph, inputs, where)
+        check_form(graph, inputs, outputs, where)
 
 
-def check_form(graph: dict, inputs: dict, where: str) -> None:
+def check_form(graph: dict, inputs: dict, outputs: dict, where: str) -> None:
     """A gqa or stacked decoder (export/graphs_gqa.py) has the in-place decoder's IO (check_kv holds it to that once it has
-    write_positions), a cache of one dtype its form takes, and runs only on ONNX Runtime (its attention, norms and rotary are
+    write_positions), a cache of one dtype its form takes, past and present alike (the runtime binds them to one
+    buffer), and runs only on ONNX Runtime (its attention, norms and rotary are
     com.microsoft operators)."""
     form = graph["form"]
     if form not in GRAPH_FORMS:
@@ -189,7 +190,8 @@ def check_form(graph: dict, inputs: dict, where: str) -> None:
         raise fail(f"{where}.form", f"is {form} but the graph is not an in-place decoder ({graph['role']})")
     if graph.get("backends") != ["onnxruntime"]:
         raise fail(f"{where}.backends", f"must be [\"onnxruntime\"] for a {form} decoder, got {graph.get('backends')!r:.60}")
-    kv = [t for name, t in inputs.items() if name.startswith("past_key_values.")]
+    kv = [t for tensors_ in (inputs, outputs) for name, t in tensors_.items()
+          if name.startswith(("past_key_values.", "present."))]
     allowed = FORM_KV_DTYPES[form]
     if any(t["dtype"] != kv[0]["dtype"] for t in kv) or kv[0]["dtype"] not in allowed:
         raise fail(f"{where}.inputs", f"a {form} decoder's cache is {' or '.join(allowed)}, one dtype for every tensor")
